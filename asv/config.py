@@ -1,0 +1,229 @@
+"""Typed configs shared by prepare.py, train.py and evaluate.py.
+
+Every default is SuperbASV's `default_config` (s3prl 0.4.18, spec section 3.1) unless its comment says
+otherwise. The comment above each field is its `--help` text. Flags are flat (`--upstream`, `--lr`);
+`--config_path FILE.yaml` sets defaults that flags override; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from simple_parsing import ArgumentParser, DashVariant
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared data is and how training audio is read."""
+
+    # Prepared data directory written by prepare.py (train.csv, speakers.json, vad.json, trials/).
+    data_dir: str = "data/voxceleb1"
+    # Drop training utterances not longer than this after VAD, in seconds.
+    min_secs: float = 2.0
+    # Randomly crop training utterances longer than this, in seconds (a new crop every epoch).
+    max_secs: float = 8.0
+    # Gain applied to training audio before the VAD, in dB (SUPERB's sox `gain -3`).
+    gain_db: float = -3.0
+    # Utterances per batch on each device.
+    batch_size: int = 10
+    # DataLoader worker processes per device (s3prl: 6; 0 loads in the main process).
+    num_workers: int = 2
+    # Also apply the training gain and VAD to test audio, as the SUPERB paper's legacy recipe did
+    # (s3prl's current SuperbASV scores raw audio: the default).
+    test_effects: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Upstream, featurizer and downstream."""
+
+    # s3prl hub name of the frozen upstream (`python train.py --list_upstreams` prints all). Default:
+    # HuBERT Base, the upstream of s3prl's own verified SuperbASV rerun (5.14 percent EER).
+    upstream: str = "hubert"
+    # Checkpoint path or URL for *_local / *_url / *_custom upstream names.
+    upstream_ckpt: Optional[str] = None
+    # Layer-normalise each upstream hidden state (S3PRLUpstream `normalize`).
+    upstream_normalize: bool = False
+    # 0-based hidden states to mix (default: all of them).
+    layer_selections: Optional[list[int]] = None
+    # Layer-normalise hidden states before the weighted sum (Featurizer `normalize`; SUPERB: off).
+    featurizer_normalize: bool = False
+    # Downstream model by name (registry asv.models.DOWNSTREAMS).
+    downstream: str = "xvector"
+    # Speaker embedding size.
+    embed_dim: int = 512
+    # Width of the projector and TDNN layers.
+    hidden_size: int = 512
+    # Width of the last TDNN layer, before statistics pooling.
+    aggregation_size: int = 1500
+    # Dropout after each TDNN layer.
+    dropout_p: float = 0.0
+    # BatchNorm after each TDNN layer.
+    batch_norm: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Speaker-classification head."""
+
+    # Loss by name (registry asv.losses.LOSSES).
+    loss: str = "amsoftmax"
+    # Additive cosine margin (used by: amsoftmax).
+    margin: float = 0.4
+    # Logit scale (used by: amsoftmax).
+    scale: float = 30.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    # torch.optim class name.
+    optimizer: str = "AdamW"
+    # Learning rate (s3prl's maintainers advise a log-scale sweep per upstream: sweeps/lr.yaml).
+    lr: float = 1e-4
+    # Weight decay (torch's AdamW default, applied to every trainable tensor as in s3prl).
+    weight_decay: float = 0.01
+    # torch.optim.lr_scheduler class name, stepped once per optimizer update; empty = constant LR
+    # (SUPERB: its ExponentialLR block is never enabled).
+    scheduler: str = ""
+    # Keyword arguments of the scheduler as YAML, e.g. "{gamma: 0.9999}".
+    scheduler_kwargs: str = "{}"
+    # Clip the global gradient norm to this value.
+    gradient_clipping: float = 1000.0
+    # Batches whose gradients are summed before each optimizer update.
+    gradient_accumulate: int = 5
+
+
+@dataclass
+class RunConfig:
+    """Loop length, checkpoints, logging and hardware."""
+
+    # Run directory: checkpoints step-<N>/, config.yaml, W&B files.
+    exp_dir: str = "exp/superb_asv"
+    # Optimizer updates to train for.
+    total_steps: int = 200_000
+    # Log training loss, accuracy, LR and featurizer weights every this many updates.
+    log_step: int = 500
+    # Save a checkpoint every this many updates.
+    save_step: int = 10_000
+    # Keep only the newest N checkpoints (default: keep all).
+    keep_num_ckpts: Optional[int] = None
+    # Also save the untrained model as step-0 (a reference point for evaluation).
+    save_initial: bool = False
+    # Resume from the newest complete checkpoint in exp_dir if there is one.
+    auto_resume: bool = True
+    # Resume from this checkpoint directory instead.
+    resume_ckpt_dir: Optional[str] = None
+    # Seed for python, numpy, torch, the sampler and the crops.
+    seed: int = 0
+    # no | fp16 | bf16. Keep `no` on CPUs: bf16 matmuls there are ~100x slower than fp32.
+    mixed_precision: str = "no"
+    # W&B: auto (online when logged in, else offline) | online | offline | disabled.
+    wandb_mode: str = "auto"
+    # W&B project name.
+    wandb_project: str = "superb-asv"
+
+
+@dataclass
+class TrainConfig:
+    """train.py: SUPERB ASV training."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def parse(config_cls, argv: list[str] | None = None, extra: dict | None = None):
+    """Parse `argv` into `config_cls`: defaults < --config_path YAML < flags. Unknown keys are errors.
+
+    The YAML may be nested by section (`run: {total_steps: 10}`) or flat (`total_steps: 10`); it only
+    holds deltas. `extra` adds plain argparse flags that are actions rather than settings (e.g.
+    --list_upstreams). Returns (config, dict_of_extras).
+    """
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = _pop_config_path(argv)
+    defaults = load_yaml_config(config_path, config_cls) if config_path else config_cls()
+    parser = ArgumentParser(add_option_string_dash_variants=DashVariant.UNDERSCORE)
+    parser.add_argument("--config_path", default=None, help="YAML file of config deltas (flags override it)")
+    parser.add_arguments(config_cls, dest="cfg", default=defaults)
+    for flag, kwargs in (extra or {}).items():
+        parser.add_argument(flag, **kwargs)
+    args = parser.parse_args(argv)  # argparse exits with a one-line error on unknown flags
+    extras = {k: v for k, v in vars(args).items() if k not in ("cfg", "config_path")}
+    return args.cfg, extras
+
+
+def _pop_config_path(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config_path="):
+            del argv[i]
+            return a.split("=", 1)[1]
+        if a == "--config_path" and i + 1 < len(argv):
+            path = argv[i + 1]
+            del argv[i : i + 2]
+            return path
+    return None
+
+
+def load_yaml_config(path: str, config_cls):
+    """`config_cls()` with the YAML's values applied; an unknown key is an error naming file and key."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: config file {path} does not exist")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of config keys")
+    sections = {f.name: _cls(f) for f in dataclasses.fields(config_cls) if dataclasses.is_dataclass(_cls(f))}
+    values: dict[str, dict] = {name: {} for name in sections}
+    top: dict = {}
+    owner = {f.name: name for name, cls in sections.items() for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict):
+            names = {f.name for f in dataclasses.fields(sections[key])}
+            for sub, v in value.items():
+                if sub not in names:
+                    raise SystemExit(f"error: {path}: unknown key '{key}.{sub}' (valid: {', '.join(sorted(names))})")
+                values[key][sub] = v
+        elif key in owner:
+            values[owner[key]][key] = value
+        elif key in {f.name for f in dataclasses.fields(config_cls)}:
+            top[key] = value
+        else:
+            raise SystemExit(f"error: {path}: unknown key '{key}'")
+    try:
+        return config_cls(**top, **{name: cls(**values[name]) for name, cls in sections.items()})
+    except TypeError as err:
+        raise SystemExit(f"error: {path}: {err}") from None
+
+
+def _cls(f):
+    if f is None:
+        return None
+    return f.default_factory if f.default_factory is not dataclasses.MISSING else f.type
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    """Rebuild a TrainConfig from a saved config.yaml (evaluation and resume never trust their own flags)."""
+    data = yaml.safe_load(Path(path).read_text())
+    sections = {f.name: _cls(f) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{name: cls(**data.get(name, {})) for name, cls in sections.items()})
+
+
+__all__ = ["DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "RunConfig", "TrainConfig",
+           "parse", "save_config", "load_train_config", "to_dict"]

@@ -1,0 +1,69 @@
+"""Verification metrics: pure numpy functions, no I/O.
+
+Conventions (NIST SRE evaluation plans): a trial is a target trial when label == 1; a higher score
+means "more likely the same speaker". The miss rate (FNR) at threshold t is the fraction of target
+scores below t, the false-alarm rate (FPR) the fraction of non-target scores at or above t.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.interpolate import interp1d
+from scipy.optimize import brentq
+from sklearn.metrics import roc_curve
+
+
+def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in length")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 (non-target) or 1 (target)")
+    if labels.min() == labels.max():
+        raise ValueError("need both target (1) and non-target (0) trials")
+    return scores, labels.astype(np.int64)
+
+
+def compute_eer(scores, labels) -> tuple[float, float]:
+    """Equal error rate as a fraction, and the threshold where it occurs.
+
+    Same definition as s3prl (`s3prl/metric/common.py`): the ROC from sklearn is taken as
+    piece-wise linear and the EER is the FPR where FPR == FNR on it, found with brentq; the
+    threshold is interpolated on the same curve.
+    """
+    scores, labels = _check(scores, labels)
+    fpr, tpr, thresholds = roc_curve(labels, scores, pos_label=1)
+    # roc_curve's first threshold is +inf; clip it so the interpolation stays finite.
+    thresholds = np.minimum(thresholds, np.max(scores) + 1.0)
+    eer = brentq(lambda x: 1.0 - x - interp1d(fpr, tpr)(x), 0.0, 1.0)
+    threshold = float(interp1d(fpr, thresholds)(eer))
+    return float(eer), threshold
+
+
+def compute_min_dcf(
+    scores, labels, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0
+) -> tuple[float, float]:
+    """Normalised minimum detection cost and its threshold (NIST SRE 2010+ definition).
+
+    C_det(t) = C_miss * P_miss(t) * P_target + C_fa * P_fa(t) * (1 - P_target), minimised over every
+    threshold, divided by the cost of the best trivial system min(C_miss * P_target, C_fa * (1 - P_target)).
+    The curve is swept at every distinct score, so the result does not depend on ROC thinning.
+    """
+    scores, labels = _check(scores, labels)
+    order = np.argsort(scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    n_tar, n_non = y.sum(), (1 - y).sum()
+    # Threshold just above position i accepts everything after i: misses = targets at or before i.
+    miss = np.concatenate([[0], np.cumsum(y)]) / n_tar
+    fa = 1.0 - np.concatenate([[0], np.cumsum(1 - y)]) / n_non
+    # Only cut between distinct scores (ties must fall on the same side).
+    cut = np.concatenate([[True], s[1:] != s[:-1], [True]])
+    miss, fa = miss[cut], fa[cut]
+    thr = np.concatenate([[s[0] - 1e-6], s[1:][s[1:] != s[:-1]], [s[-1] + 1e-6]])
+    c_det = c_miss * miss * p_target + c_fa * fa * (1.0 - p_target)
+    i = int(np.argmin(c_det))
+    c_def = min(c_miss * p_target, c_fa * (1.0 - p_target))
+    return float(c_det[i] / c_def), float(thr[i])

@@ -1,0 +1,76 @@
+"""The frozen upstream: any s3prl hub model, plus the import shim s3prl 0.4.18 needs on torchaudio >= 2.9."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+import torchaudio
+
+# s3prl 0.4.18 calls torchaudio.set_audio_backend at import time and imports torchaudio.sox_effects in
+# modules that s3prl.hub pulls in; torchaudio 2.9 removed both. Nothing on our path uses them (audio I/O
+# is soundfile, the VAD is asv.audio.sox_silence), so a no-op backend setter and a module whose
+# functions raise keep the import working without changing behaviour.
+if not hasattr(torchaudio, "set_audio_backend"):
+    torchaudio.set_audio_backend = lambda *args, **kwargs: None
+try:
+    import torchaudio.sox_effects  # noqa: F401
+except ImportError:
+    _sox = types.ModuleType("torchaudio.sox_effects")
+
+    def _removed(*args, **kwargs):
+        raise RuntimeError("torchaudio.sox_effects was removed in torchaudio 2.9; use asv.audio")
+
+    _sox.apply_effects_tensor = _sox.apply_effects_file = _sox.effect_names = _removed
+    sys.modules["torchaudio.sox_effects"] = _sox
+    torchaudio.sox_effects = _sox
+
+from s3prl.nn import Featurizer, S3PRLUpstream  # noqa: E402
+
+__all__ = ["Featurizer", "S3PRLUpstream", "UpstreamError", "build_upstream", "list_upstreams", "upstream_forward"]
+
+# Names that need no download: s3prl computes them from the waveform (spec section 6.1).
+WEIGHT_FREE = {"fbank", "fbank_no_cmvn", "baseline", "mfcc", "mel", "spectrogram", "linear"}
+
+
+class UpstreamError(RuntimeError):
+    """An upstream that cannot be built; the message says what to do."""
+
+
+def list_upstreams() -> list[str]:
+    """Every name s3prl's hub accepts (including the *_local / *_custom ones that need --upstream_ckpt)."""
+    return sorted(S3PRLUpstream.available_names(only_registered_ckpt=False))
+
+
+def build_upstream(name: str, ckpt: str | None = None, normalize: bool = False) -> S3PRLUpstream:
+    """Build `S3PRLUpstream(name)`, frozen: eval mode, no gradients."""
+    names = set(list_upstreams())
+    if name not in names:
+        close = sorted(n for n in names if name.split("_")[0] in n)[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UpstreamError(f"unknown upstream '{name}'{hint}; `python train.py --list_upstreams` prints all")
+    needs_ckpt = name.endswith(("_local", "_url", "_custom"))
+    if needs_ckpt and not ckpt:
+        raise UpstreamError(f"upstream '{name}' loads a checkpoint you provide: pass --upstream_ckpt PATH")
+    try:
+        upstream = S3PRLUpstream(name, path_or_url=ckpt, normalize=normalize)
+    except Exception as err:  # s3prl raises whatever requests/torch.hub raise
+        msg = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        if name in WEIGHT_FREE or needs_ckpt:
+            raise UpstreamError(f"cannot build upstream '{name}' from {ckpt or 'the s3prl hub'}: {msg}") from err
+        family = name.split("_")[0]
+        raise UpstreamError(
+            f"cannot load upstream '{name}': its weights must be downloaded and that failed ({msg}); "
+            f"offline, copy the checkpoint here and pass --upstream {family}_local --upstream_ckpt PATH"
+        ) from err
+    upstream.eval()
+    upstream.requires_grad_(False)
+    return upstream
+
+
+@torch.no_grad()
+def upstream_forward(upstream: S3PRLUpstream, wav: torch.Tensor, wav_len: torch.Tensor):
+    """Hidden states of a frozen upstream, always in eval mode (dropout off), as SuperbASV does."""
+    upstream.eval()
+    return upstream(wav, wav_len)

@@ -1,0 +1,271 @@
+"""Stages 0-1 of SUPERB ASV: turn a corpus into the manifests train.py and evaluate.py read.
+
+    python prepare.py                                    # generate + prepare the embedded demo corpus
+    python prepare.py --dataset voxceleb1 --dataset_root /data/VoxCeleb1
+    python prepare.py --dataset manifest --train_csv my_train.csv --trials my_trials.txt
+
+Writes --out_dir (default data/<dataset>): train.csv, speakers.json, vad.json and trials/<name>.csv
+(formats in asv/data.py and the README). A second run reuses what is there; --force redoes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import soundfile as sf
+
+from asv.config import parse
+from asv.data import (TRAIN_FIELDS, TRIAL_FIELDS, VAD_DESCRIPTION, Trial, Utterance, compute_vad,
+                      read_voxceleb_trials, speaker_map, write_csv)
+
+
+@dataclass
+class PrepareConfig:
+    """prepare.py: build train.csv, speakers.json, vad.json and trials/*.csv."""
+
+    # demo (generated here) | voxceleb1 (official layout) | manifest (any corpus, from your CSV).
+    dataset: str = "demo"
+    # Corpus root: voxceleb1 reads DIR/dev/wav and DIR/test/wav; demo generates the corpus there
+    # (default data/demo_corpus); manifest resolves relative trial paths against it.
+    dataset_root: Optional[str] = None
+    # Trial lists in VoxCeleb format ('<1|0> <utt1> <utt2>'). voxceleb1 default: voxceleb1_test_v2.txt
+    # (SUPERB, 37,720 trials) and veri_test2.txt (cleaned Vox1-O, 37,611), from DIR, the cache or the web.
+    trials: Optional[list[str]] = None
+    # manifest only: CSV with columns wav_path,spk (and optionally id) listing the training utterances.
+    train_csv: Optional[str] = None
+    # Output directory (default data/<dataset>).
+    out_dir: Optional[str] = None
+    # Where downloaded trial lists are kept.
+    cache_dir: str = "~/.cache/superb-asv"
+    # Gain applied before the VAD, in dB (SUPERB's sox `gain -3`); train.py applies the same value.
+    gain_db: float = -3.0
+    # Processes used to read lengths and run the VAD over the training set.
+    num_workers: int = 2
+    # Redo everything even if the outputs exist.
+    force: bool = False
+    # demo: seed of the generated corpus.
+    seed: int = 0
+    # demo: number of training speakers.
+    demo_train_speakers: int = 80
+    # demo: number of test speakers (disjoint from training).
+    demo_test_speakers: int = 20
+    # demo: recordings (videos, each its own channel) per speaker.
+    demo_videos: int = 3
+    # demo: utterances per recording.
+    demo_utts_per_video: int = 5
+    # demo: number of trials (balanced targets / non-targets).
+    demo_trials: int = 3000
+
+
+TRIAL_URLS = {
+    "voxceleb1_test_v2.txt": ["https://openslr.magicdatatech.com/resources/49/voxceleb1_test_v2.txt",
+                              "https://www.openslr.org/resources/49/voxceleb1_test_v2.txt"],
+    "veri_test2.txt": ["https://www.robots.ox.ac.uk/~vgg/data/voxceleb/meta/veri_test2.txt",
+                       "https://mm.kaist.ac.kr/datasets/voxceleb/meta/veri_test2.txt"],
+}
+EXPECTED_TRIALS = {"voxceleb1_test_v2.txt": 37_720, "veri_test2.txt": 37_611}
+
+
+def die(msg: str) -> None:
+    raise SystemExit(f"error: {msg}")
+
+
+def walk_wavs(root: Path) -> set[str]:
+    """Relative paths of every .wav under root, in one directory walk (not a glob per file)."""
+    found = set()
+    for dirpath, _, files in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for name in files:
+            if name.endswith(".wav"):
+                found.add(name if rel == "." else f"{rel}/{name}")
+    return found
+
+
+def fetch_trial_list(name: str, dataset_root: Path, cache_dir: Path) -> Path:
+    """A default trial list from the dataset root, the cache, or the web (into the cache)."""
+    for candidate in (dataset_root / name, cache_dir / name):
+        if candidate.is_file():
+            return candidate
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for url in TRIAL_URLS[name]:
+        try:
+            with urllib.request.urlopen(url, timeout=20) as r:
+                data = r.read()
+            (cache_dir / (name + ".tmp")).write_bytes(data)
+            (cache_dir / (name + ".tmp")).replace(cache_dir / name)
+            print(f"downloaded {url} -> {cache_dir / name}")
+            return cache_dir / name
+        except Exception as err:  # urllib raises several types; all mean "not downloadable"
+            errors.append(f"{url}: {getattr(err, 'reason', err)}")
+    die(f"cannot download trial list {name} ({errors[0]}); place it at {dataset_root / name} "
+        f"or {cache_dir / name}, or pass --trials FILE")
+
+
+def probe(path: str, gain_db: float) -> tuple[int, list[list[int]]]:
+    return sf.info(path).frames, compute_vad(path, gain_db)
+
+
+def voxceleb_layout(root: Path, trial_files: list[Path]) -> tuple[list[tuple[str, str, str]], dict[str, list[Trial]]]:
+    """(training (id, path, spk), trials by name) for a VoxCeleb1-layout tree."""
+    dev, test = root / "dev" / "wav", root / "test" / "wav"
+    if not dev.is_dir():
+        die(f"{dev} does not exist: --dataset_root must contain dev/wav/<spk>/<video>/<utt>.wav (VoxCeleb1 layout)")
+    dev_files = walk_wavs(dev)
+    test_files = walk_wavs(test) if test.is_dir() else set()
+    trials, trial_speakers = {}, set()
+    for path in trial_files:
+        rows, missing = [], []
+        for label, a, b in read_voxceleb_trials(path):
+            resolved = []
+            for utt in (a, b):
+                base = test if utt in test_files else dev if utt in dev_files else None
+                if base is None:
+                    missing.append(utt)
+                resolved.append(str(base / utt) if base else "")
+                trial_speakers.add(utt.split("/")[0])
+            rows.append(Trial(a, b, resolved[0], resolved[1], label))
+        if missing:
+            uniq = sorted(set(missing))
+            die(f"{path}: {len(uniq)} trial utterances are not under {test} or {dev} "
+                f"(first: {', '.join(uniq[:3])}); is --dataset_root the VoxCeleb1 root?")
+        trials[Path(path).stem] = rows
+    # Training = every dev utterance whose speaker is in no trial list (SUPERB: Vox1-dev minus test speakers).
+    train = [(rel, str(dev / rel), rel.split("/")[0]) for rel in sorted(dev_files)
+             if rel.split("/")[0] not in trial_speakers]
+    return train, trials
+
+
+def manifest_layout(train_csv: Path, trial_files: list[Path], root: Path | None):
+    if not train_csv.is_file():
+        die(f"--train_csv {train_csv} does not exist")
+    with open(train_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"wav_path", "spk"} <= set(reader.fieldnames or []):
+            die(f"{train_csv}: needs columns wav_path,spk (and optionally id); found {reader.fieldnames}")
+        rows = list(reader)
+    train = [(r.get("id") or r["wav_path"], r["wav_path"], r["spk"]) for r in rows]
+    missing = [p for _, p, _ in train if not Path(p).is_file()]
+    if missing:
+        die(f"{train_csv}: {len(missing)} wav_path entries do not exist (first: {', '.join(missing[:3])})")
+    trials = {}
+    for path in trial_files:
+        base = root or Path(path).parent
+        rows, missing = [], []
+        for label, a, b in read_voxceleb_trials(path):
+            pa, pb = (str(Path(u) if Path(u).is_absolute() else base / u) for u in (a, b))
+            missing += [p for p in (pa, pb) if not Path(p).is_file()]
+            rows.append(Trial(a, b, pa, pb, label))
+        if missing:
+            uniq = sorted(set(missing))
+            die(f"{path}: {len(uniq)} trial files do not exist (first: {', '.join(uniq[:3])}); "
+                "relative paths resolve against --dataset_root, else the trial file's directory")
+        trials[Path(path).stem] = rows
+    return train, trials
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg, _ = parse(PrepareConfig, argv)
+    t0 = time.time()
+    out = Path(cfg.out_dir or f"data/{cfg.dataset}")
+    done_marker = out / "prepare.json"
+    if done_marker.is_file() and not cfg.force:
+        previous = json.loads(done_marker.read_text())
+        if previous["config"] == asdict(cfg):
+            print(f"{out} is already prepared (prepare.json matches; --force redoes it)")
+            print_summary(previous["summary"])
+            return out
+        print(f"{out} was prepared with other settings: redoing it")
+
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    if cfg.dataset == "demo":
+        from asv.synth import generate_corpus
+
+        root = Path(cfg.dataset_root or "data/demo_corpus")
+        corpus_marker = root / "corpus.json"
+        corpus_args = dict(seed=cfg.seed, num_train_speakers=cfg.demo_train_speakers,
+                           num_test_speakers=cfg.demo_test_speakers, videos_per_speaker=cfg.demo_videos,
+                           utts_per_video=cfg.demo_utts_per_video, num_trials=cfg.demo_trials)
+        if cfg.force or not corpus_marker.is_file() or json.loads(corpus_marker.read_text())["args"] != corpus_args:
+            print(f"generating the demo corpus in {root} ...")
+            info = generate_corpus(root, **corpus_args)
+            corpus_marker.write_text(json.dumps({"args": corpus_args, "summary": info}, indent=1))
+        demo_trials = root / "demo_test.txt"
+        if not demo_trials.is_file():
+            demo_trials.write_text((root / "trials.txt").read_text())
+        train, trials = voxceleb_layout(root, [Path(t) for t in cfg.trials or [demo_trials]])
+    elif cfg.dataset == "voxceleb1":
+        if not cfg.dataset_root:
+            die("--dataset voxceleb1 needs --dataset_root DIR (the folder holding dev/wav and test/wav)")
+        root = Path(cfg.dataset_root)
+        if not (root / "dev" / "wav").is_dir():
+            die(f"{root / 'dev' / 'wav'} does not exist: --dataset_root must be the VoxCeleb1 root "
+                "(DIR/dev/wav/<spk>/<video>/<utt>.wav, DIR/test/wav/...)")
+        files = [Path(t) for t in cfg.trials] if cfg.trials else [
+            fetch_trial_list(name, root, cache_dir) for name in TRIAL_URLS]
+        train, trials = voxceleb_layout(root, files)
+    elif cfg.dataset == "manifest":
+        if not cfg.train_csv or not cfg.trials:
+            die("--dataset manifest needs --train_csv FILE and --trials FILE [FILE ...]")
+        train, trials = manifest_layout(Path(cfg.train_csv), [Path(t) for t in cfg.trials],
+                                        Path(cfg.dataset_root) if cfg.dataset_root else None)
+    else:
+        die(f"unknown --dataset '{cfg.dataset}'; choose demo, voxceleb1 or manifest")
+    if not train:
+        die("no training utterances found (every speaker appears in a trial list?)")
+    for name, rows in trials.items():
+        expected = EXPECTED_TRIALS.get(name + ".txt")
+        if expected and len(rows) != expected:
+            print(f"warning: {name} has {len(rows)} trials, the official list has {expected}")
+
+    # Lengths and VAD intervals in one decode per file, cached per corpus in vad.json.
+    print(f"reading {len(train)} training files and running the VAD ({cfg.num_workers} processes) ...")
+    paths = [p for _, p, _ in train]
+    if cfg.num_workers > 1:
+        with ProcessPoolExecutor(cfg.num_workers) as pool:
+            results = list(pool.map(probe, paths, [cfg.gain_db] * len(paths), chunksize=64))
+    else:
+        results = [probe(p, cfg.gain_db) for p in paths]
+    utterances = [Utterance(i, p, s, n) for (i, p, s), (n, _) in zip(train, results)]
+    speakers = speaker_map(utterances)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "train.csv", TRAIN_FIELDS, utterances)
+    (out / "speakers.json").write_text(json.dumps(speakers, indent=0))
+    vad = {"gain_db": cfg.gain_db, "vad": VAD_DESCRIPTION,
+           "intervals": {u.id: iv for u, (_, iv) in zip(utterances, results)}}
+    (out / "vad.json").write_text(json.dumps(vad))
+    for old in (out / "trials").glob("*.csv") if (out / "trials").is_dir() else []:
+        old.unlink()
+    for name, rows in trials.items():
+        write_csv(out / "trials" / f"{name}.csv", TRIAL_FIELDS, rows)
+
+    summary = {
+        "dataset": cfg.dataset, "out_dir": str(out), "utterances": len(utterances), "speakers": len(speakers),
+        "hours": round(sum(u.num_samples for u in utterances) / 16000 / 3600, 3),
+        "hours_after_vad": round(sum(e - s for _, iv in results for s, e in iv) / 16000 / 3600, 3),
+        "trials": {name: len(rows) for name, rows in trials.items()},
+        "seconds": round(time.time() - t0, 1),
+    }
+    done_marker.write_text(json.dumps({"config": asdict(cfg), "summary": summary}, indent=1))
+    print_summary(summary)
+    return out
+
+
+def print_summary(s: dict) -> None:
+    trials = ", ".join(f"{k}: {v}" for k, v in s["trials"].items())
+    print(f"{s['out_dir']}: {s['utterances']} training utterances, {s['speakers']} speakers, "
+          f"{s['hours']} h ({s['hours_after_vad']} h after VAD); trials: {trials}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
