@@ -15,7 +15,6 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -37,21 +36,21 @@ class EvalConfig:
     """evaluate.py: score checkpoints on prepared trial lists."""
 
     # One checkpoint directory (exp/<run>/step-<N>).
-    ckpt_dir: Optional[str] = None
+    ckpt_dir: str | None = None
     # A run directory: evaluate all its checkpoints (or --test_ckpt_steps).
-    exp_dir: Optional[str] = None
+    exp_dir: str | None = None
     # With --exp_dir, only these steps (default: every checkpoint).
-    test_ckpt_steps: Optional[list[int]] = None
+    test_ckpt_steps: list[int] | None = None
     # Prepared data directory holding trials/*.csv (default: the one the checkpoint was trained on).
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     # Trial lists to score, by name (file stem in data_dir/trials; default: all of them).
-    trial_names: Optional[list[str]] = None
+    trial_names: list[str] | None = None
     # Apply the training gain + VAD to test audio (default: as the checkpoint was trained, i.e. raw unless set).
-    test_effects: Optional[bool] = None
+    test_effects: bool | None = None
     # DataLoader worker processes.
     num_workers: int = 2
     # Where results go (default: <exp_dir>/evaluate).
-    out_dir: Optional[str] = None
+    out_dir: str | None = None
     # W&B: auto | online | offline | disabled; EER is logged at each checkpoint's step.
     wandb_mode: str = "auto"
 
@@ -65,8 +64,10 @@ def checkpoints_to_evaluate(cfg: EvalConfig) -> tuple[Path, list[tuple[int, Path
         ckpt = Path(cfg.ckpt_dir)
         marker = ckpt / "train_state.json"
         if not marker.is_file():
-            raise SystemExit(f"error: {ckpt} is not a checkpoint directory (no train_state.json); "
-                             "pass a step-<N> directory written by train.py")
+            raise SystemExit(
+                f"error: {ckpt} is not a checkpoint directory (no train_state.json); "
+                "pass a step-<N> directory written by train.py"
+            )
         return ckpt.parent, [(json.loads(marker.read_text())["step"], ckpt)]
     exp_dir = Path(cfg.exp_dir)
     ckpts = list_checkpoints(exp_dir)
@@ -88,7 +89,7 @@ class Embedder:
         self.cfg = load_train_config(ckpt / "config.yaml")
         m = self.cfg.model
         key = (m.upstream, m.upstream_ckpt, m.upstream_normalize)
-        if key not in upstream_cache:  # checkpoints of one run share their frozen upstream
+        if key not in upstream_cache or m.upstream_trainable:  # frozen upstreams are shared across checkpoints
             upstream_cache.clear()
             try:
                 upstream_cache[key] = build_upstream(*key).to(device)
@@ -97,10 +98,15 @@ class Embedder:
         self.upstream = upstream_cache[key]
         self.model = build_speaker_model(m, self.cfg.loss, self.upstream, num_classes=1)
         state = load_file(ckpt / "embedder.safetensors")
+        if m.upstream_trainable:  # fine-tuned upstream weights travel in the embedder file
+            self.upstream.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("upstream.")})
+            state = {k: v for k, v in state.items() if not k.startswith("upstream.")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("head.") for k in missing):
-            raise SystemExit(f"error: {ckpt}/embedder.safetensors does not match its config.yaml "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise SystemExit(
+                f"error: {ckpt}/embedder.safetensors does not match its config.yaml "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         self.model.to(device).eval()
         self.autocast = m.upstream not in WEIGHT_FREE
 
@@ -160,11 +166,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     mode = wandb_mode(cfg.wandb_mode)
     accelerator = Accelerator(log_with=None if mode == "disabled" else "wandb", mixed_precision="no")
-    accelerator.init_trackers("superb-asv", config={"exp_dir": str(exp_dir), "trials": names},
-                              init_kwargs={"wandb": {"mode": mode, "dir": str(exp_dir), "name": f"{exp_dir.name}-eval",
-                                                     "job_type": "eval"}})
-    accelerator.print(f"evaluating {len(ckpts)} checkpoint(s) of {exp_dir} on {', '.join(names)}: "
-                      f"{sum(len(t) for t in trials.values())} trials, {len(utts)} unique utterances")
+    accelerator.init_trackers(
+        "superb-asv",
+        config={"exp_dir": str(exp_dir), "trials": names},
+        init_kwargs={"wandb": {"mode": mode, "dir": str(exp_dir), "name": f"{exp_dir.name}-eval", "job_type": "eval"}},
+    )
+    accelerator.print(
+        f"evaluating {len(ckpts)} checkpoint(s) of {exp_dir} on {', '.join(names)}: "
+        f"{sum(len(t) for t in trials.values())} trials, {len(utts)} unique utterances"
+    )
     upstream_cache: dict = {}
     results: dict[str, dict[int, dict]] = {n: {} for n in names}
     for step, ckpt in ckpts:
@@ -176,15 +186,27 @@ def main(argv: list[str] | None = None) -> dict:
         for n in names:
             scores = cosine_scores(emb, index, trials[n])
             labels = np.array([t.label for t in trials[n]])
-            res = {"step": step, "ckpt_dir": str(ckpt), "trials": n, "num_trials": len(labels),
-                   "test_effects": effects, **metrics(scores, labels)}
+            res = {
+                "step": step,
+                "ckpt_dir": str(ckpt),
+                "trials": n,
+                "num_trials": len(labels),
+                "test_effects": effects,
+                **metrics(scores, labels),
+            }
             d = out_root / n / f"step-{step}"
             d.mkdir(parents=True, exist_ok=True)
             (d / "results.json").write_text(json.dumps(res, indent=1))
             np.savetxt(d / "scores.txt", np.stack([scores, labels], 1), fmt=["%.6f", "%d"], header="score label")
             results[n][step] = res
-            accelerator.log({f"eval/{n}/eer": res["eer"], f"eval/{n}/min_dcf@0.01": res["min_dcf@0.01"],
-                             f"eval/{n}/min_dcf@0.05": res["min_dcf@0.05"]}, step=step)
+            accelerator.log(
+                {
+                    f"eval/{n}/eer": res["eer"],
+                    f"eval/{n}/min_dcf@0.01": res["min_dcf@0.01"],
+                    f"eval/{n}/min_dcf@0.05": res["min_dcf@0.05"],
+                },
+                step=step,
+            )
         accelerator.print(" | ".join(f"{n} step {step}: EER {results[n][step]['eer']:.2f}%" for n in names))
 
     if accelerator.is_main_process:

@@ -13,19 +13,28 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sys
 import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import soundfile as sf
 
 from asv.config import parse
-from asv.data import (TRAIN_FIELDS, TRIAL_FIELDS, VAD_DESCRIPTION, Trial, Utterance, compute_vad,
-                      read_voxceleb_trials, speaker_map, write_csv)
+from asv.data import (
+    TRAIN_FIELDS,
+    TRIAL_FIELDS,
+    VAD_DESCRIPTION,
+    Trial,
+    Utterance,
+    compute_vad,
+    read_voxceleb_trials,
+    speaker_map,
+    write_csv,
+)
 
 
 @dataclass
@@ -36,14 +45,14 @@ class PrepareConfig:
     dataset: str = "demo"
     # Corpus root: voxceleb1 reads DIR/dev/wav and DIR/test/wav; demo generates the corpus there
     # (default data/demo_corpus); manifest resolves relative trial paths against it.
-    dataset_root: Optional[str] = None
+    dataset_root: str | None = None
     # Trial lists in VoxCeleb format ('<1|0> <utt1> <utt2>'). voxceleb1 default: voxceleb1_test_v2.txt
     # (SUPERB, 37,720 trials) and veri_test2.txt (cleaned Vox1-O, 37,611), from DIR, the cache or the web.
-    trials: Optional[list[str]] = None
+    trials: list[str] | None = None
     # manifest only: CSV with columns wav_path,spk (and optionally id) listing the training utterances.
-    train_csv: Optional[str] = None
+    train_csv: str | None = None
     # Output directory (default data/<dataset>).
-    out_dir: Optional[str] = None
+    out_dir: str | None = None
     # Where downloaded trial lists are kept.
     cache_dir: str = "~/.cache/superb-asv"
     # Gain applied before the VAD, in dB (SUPERB's sox `gain -3`); train.py applies the same value.
@@ -67,10 +76,14 @@ class PrepareConfig:
 
 
 TRIAL_URLS = {
-    "voxceleb1_test_v2.txt": ["https://openslr.magicdatatech.com/resources/49/voxceleb1_test_v2.txt",
-                              "https://www.openslr.org/resources/49/voxceleb1_test_v2.txt"],
-    "veri_test2.txt": ["https://www.robots.ox.ac.uk/~vgg/data/voxceleb/meta/veri_test2.txt",
-                       "https://mm.kaist.ac.kr/datasets/voxceleb/meta/veri_test2.txt"],
+    "voxceleb1_test_v2.txt": [
+        "https://openslr.magicdatatech.com/resources/49/voxceleb1_test_v2.txt",
+        "https://www.openslr.org/resources/49/voxceleb1_test_v2.txt",
+    ],
+    "veri_test2.txt": [
+        "https://www.robots.ox.ac.uk/~vgg/data/voxceleb/meta/veri_test2.txt",
+        "https://mm.kaist.ac.kr/datasets/voxceleb/meta/veri_test2.txt",
+    ],
 }
 EXPECTED_TRIALS = {"voxceleb1_test_v2.txt": 37_720, "veri_test2.txt": 37_611}
 
@@ -107,8 +120,10 @@ def fetch_trial_list(name: str, dataset_root: Path, cache_dir: Path) -> Path:
             return cache_dir / name
         except Exception as err:  # urllib raises several types; all mean "not downloadable"
             errors.append(f"{url}: {getattr(err, 'reason', err)}")
-    die(f"cannot download trial list {name} ({errors[0]}); place it at {dataset_root / name} "
-        f"or {cache_dir / name}, or pass --trials FILE")
+    die(
+        f"cannot download trial list {name} ({errors[0]}); place it at {dataset_root / name} "
+        f"or {cache_dir / name}, or pass --trials FILE"
+    )
 
 
 def probe(path: str, gain_db: float) -> tuple[int, list[list[int]]]:
@@ -136,12 +151,15 @@ def voxceleb_layout(root: Path, trial_files: list[Path]) -> tuple[list[tuple[str
             rows.append(Trial(a, b, resolved[0], resolved[1], label))
         if missing:
             uniq = sorted(set(missing))
-            die(f"{path}: {len(uniq)} trial utterances are not under {test} or {dev} "
-                f"(first: {', '.join(uniq[:3])}); is --dataset_root the VoxCeleb1 root?")
+            die(
+                f"{path}: {len(uniq)} trial utterances are not under {test} or {dev} "
+                f"(first: {', '.join(uniq[:3])}); is --dataset_root the VoxCeleb1 root?"
+            )
         trials[Path(path).stem] = rows
     # Training = every dev utterance whose speaker is in no trial list (SUPERB: Vox1-dev minus test speakers).
-    train = [(rel, str(dev / rel), rel.split("/")[0]) for rel in sorted(dev_files)
-             if rel.split("/")[0] not in trial_speakers]
+    train = [
+        (rel, str(dev / rel), rel.split("/")[0]) for rel in sorted(dev_files) if rel.split("/")[0] not in trial_speakers
+    ]
     return train, trials
 
 
@@ -167,8 +185,10 @@ def manifest_layout(train_csv: Path, trial_files: list[Path], root: Path | None)
             rows.append(Trial(a, b, pa, pb, label))
         if missing:
             uniq = sorted(set(missing))
-            die(f"{path}: {len(uniq)} trial files do not exist (first: {', '.join(uniq[:3])}); "
-                "relative paths resolve against --dataset_root, else the trial file's directory")
+            die(
+                f"{path}: {len(uniq)} trial files do not exist (first: {', '.join(uniq[:3])}); "
+                "relative paths resolve against --dataset_root, else the trial file's directory"
+            )
         trials[Path(path).stem] = rows
     return train, trials
 
@@ -192,32 +212,48 @@ def main(argv: list[str] | None = None) -> Path:
 
         root = Path(cfg.dataset_root or "data/demo_corpus")
         corpus_marker = root / "corpus.json"
-        corpus_args = dict(seed=cfg.seed, num_train_speakers=cfg.demo_train_speakers,
-                           num_test_speakers=cfg.demo_test_speakers, videos_per_speaker=cfg.demo_videos,
-                           utts_per_video=cfg.demo_utts_per_video, num_trials=cfg.demo_trials)
+        corpus_args = dict(
+            seed=cfg.seed,
+            num_train_speakers=cfg.demo_train_speakers,
+            num_test_speakers=cfg.demo_test_speakers,
+            videos_per_speaker=cfg.demo_videos,
+            utts_per_video=cfg.demo_utts_per_video,
+            num_trials=cfg.demo_trials,
+        )
         if cfg.force or not corpus_marker.is_file() or json.loads(corpus_marker.read_text())["args"] != corpus_args:
+            if root.exists() and any(root.iterdir()):
+                if not corpus_marker.is_file():  # never delete what we did not generate
+                    die(f"{root} is not empty and holds no corpus.json: pass another --dataset_root for the demo")
+                for sub in ("dev", "test"):
+                    shutil.rmtree(root / sub, ignore_errors=True)
+                corpus_marker.unlink()
             print(f"generating the demo corpus in {root} ...")
             info = generate_corpus(root, **corpus_args)
             corpus_marker.write_text(json.dumps({"args": corpus_args, "summary": info}, indent=1))
-        demo_trials = root / "demo_test.txt"
-        if not demo_trials.is_file():
-            demo_trials.write_text((root / "trials.txt").read_text())
+        demo_trials = root / "demo_test.txt"  # the trial list's name is its stem: trials/demo_test.csv
+        demo_trials.write_text((root / "trials.txt").read_text())
         train, trials = voxceleb_layout(root, [Path(t) for t in cfg.trials or [demo_trials]])
     elif cfg.dataset == "voxceleb1":
         if not cfg.dataset_root:
             die("--dataset voxceleb1 needs --dataset_root DIR (the folder holding dev/wav and test/wav)")
         root = Path(cfg.dataset_root)
         if not (root / "dev" / "wav").is_dir():
-            die(f"{root / 'dev' / 'wav'} does not exist: --dataset_root must be the VoxCeleb1 root "
-                "(DIR/dev/wav/<spk>/<video>/<utt>.wav, DIR/test/wav/...)")
-        files = [Path(t) for t in cfg.trials] if cfg.trials else [
-            fetch_trial_list(name, root, cache_dir) for name in TRIAL_URLS]
+            die(
+                f"{root / 'dev' / 'wav'} does not exist: --dataset_root must be the VoxCeleb1 root "
+                "(DIR/dev/wav/<spk>/<video>/<utt>.wav, DIR/test/wav/...)"
+            )
+        files = (
+            [Path(t) for t in cfg.trials]
+            if cfg.trials
+            else [fetch_trial_list(name, root, cache_dir) for name in TRIAL_URLS]
+        )
         train, trials = voxceleb_layout(root, files)
     elif cfg.dataset == "manifest":
         if not cfg.train_csv or not cfg.trials:
             die("--dataset manifest needs --train_csv FILE and --trials FILE [FILE ...]")
-        train, trials = manifest_layout(Path(cfg.train_csv), [Path(t) for t in cfg.trials],
-                                        Path(cfg.dataset_root) if cfg.dataset_root else None)
+        train, trials = manifest_layout(
+            Path(cfg.train_csv), [Path(t) for t in cfg.trials], Path(cfg.dataset_root) if cfg.dataset_root else None
+        )
     else:
         die(f"unknown --dataset '{cfg.dataset}'; choose demo, voxceleb1 or manifest")
     if not train:
@@ -241,8 +277,11 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "train.csv", TRAIN_FIELDS, utterances)
     (out / "speakers.json").write_text(json.dumps(speakers, indent=0))
-    vad = {"gain_db": cfg.gain_db, "vad": VAD_DESCRIPTION,
-           "intervals": {u.id: iv for u, (_, iv) in zip(utterances, results)}}
+    vad = {
+        "gain_db": cfg.gain_db,
+        "vad": VAD_DESCRIPTION,
+        "intervals": {u.id: iv for u, (_, iv) in zip(utterances, results)},
+    }
     (out / "vad.json").write_text(json.dumps(vad))
     for old in (out / "trials").glob("*.csv") if (out / "trials").is_dir() else []:
         old.unlink()
@@ -250,7 +289,10 @@ def main(argv: list[str] | None = None) -> Path:
         write_csv(out / "trials" / f"{name}.csv", TRIAL_FIELDS, rows)
 
     summary = {
-        "dataset": cfg.dataset, "out_dir": str(out), "utterances": len(utterances), "speakers": len(speakers),
+        "dataset": cfg.dataset,
+        "out_dir": str(out),
+        "utterances": len(utterances),
+        "speakers": len(speakers),
         "hours": round(sum(u.num_samples for u in utterances) / 16000 / 3600, 3),
         "hours_after_vad": round(sum(e - s for _, iv in results for s, e in iv) / 16000 / 3600, 3),
         "trials": {name: len(rows) for name, rows in trials.items()},
@@ -263,8 +305,10 @@ def main(argv: list[str] | None = None) -> Path:
 
 def print_summary(s: dict) -> None:
     trials = ", ".join(f"{k}: {v}" for k, v in s["trials"].items())
-    print(f"{s['out_dir']}: {s['utterances']} training utterances, {s['speakers']} speakers, "
-          f"{s['hours']} h ({s['hours_after_vad']} h after VAD); trials: {trials}")
+    print(
+        f"{s['out_dir']}: {s['utterances']} training utterances, {s['speakers']} speakers, "
+        f"{s['hours']} h ({s['hours_after_vad']} h after VAD); trials: {trials}"
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Accelerate's optimizer/scheduler/RNG state, train_state.json and the resolved co
 from __future__ import annotations
 
 import json
-import math
 import netrc
 import os
 import shutil
@@ -61,10 +60,10 @@ def wandb_mode(requested: str) -> str:
     return "online" if logged_in else "offline"
 
 
-def build_optimizer_and_scheduler(optim_cfg, model: torch.nn.Module):
+def build_optimizer_and_scheduler(optim_cfg, modules: list[torch.nn.Module]):
     if not hasattr(torch.optim, optim_cfg.optimizer):
         raise ValueError(f"--optimizer {optim_cfg.optimizer} is not a torch.optim class")
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
     optimizer = getattr(torch.optim, optim_cfg.optimizer)(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
     scheduler = None
     if optim_cfg.scheduler:
@@ -86,17 +85,22 @@ def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(accelerator, model, cfg: TrainConfig, state: TrainState, exp_dir: Path) -> Path:
+def save_checkpoint(accelerator, model, upstream, cfg: TrainConfig, state: TrainState, exp_dir: Path) -> Path:
     """Write exp_dir/step-<N>/ through a temporary directory so a crash never leaves a half checkpoint."""
     final = exp_dir / f"step-{state.step}"
     tmp = exp_dir / f".tmp-step-{state.step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)  # before any rank writes its RNG state into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # model (trainable parts only), optimizer, scheduler, RNG, TrainState
+    accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_file({k: v.contiguous() for k, v in unwrapped.embedder_state_dict().items()}, tmp / "embedder.safetensors")
+        weights = accelerator.unwrap_model(model).embedder_state_dict()
+        if cfg.model.upstream_trainable:  # a fine-tuned upstream is part of the embedder
+            weights.update({f"upstream.{k}": v for k, v in accelerator.unwrap_model(upstream).state_dict().items()})
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "embedder.safetensors")
         save_config(cfg, tmp / "config.yaml")
         (tmp / "train_state.json").write_text(json.dumps(state.state_dict()))
         if final.exists():
@@ -116,8 +120,10 @@ def check_resumable(saved_cfg: TrainConfig, cfg: TrainConfig, ckpt: Path) -> Non
         diff = [k for k in new if old.get(k) != new[k]]
         if diff:
             k = diff[0]
-            raise SystemExit(f"error: {ckpt} was trained with {k}={old.get(k)!r}, this run has {k}={new[k]!r}; "
-                             "use the same setting or a new --exp_dir")
+            raise SystemExit(
+                f"error: {ckpt} was trained with {k}={old.get(k)!r}, this run has {k}={new[k]!r}; "
+                "use the same setting or a new --exp_dir"
+            )
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -128,7 +134,8 @@ def train(cfg: TrainConfig) -> Path:
         # Accumulation runs across epoch ends (s3prl counts backward passes globally), so an update
         # always sums exactly gradient_accumulate batches.
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=cfg.optim.gradient_accumulate, sync_with_dataloader=False),
+            num_steps=cfg.optim.gradient_accumulate, sync_with_dataloader=False
+        ),
         # We step the scheduler once per update ourselves; Accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
         log_with=None if mode == "disabled" else "wandb",
@@ -142,14 +149,26 @@ def train(cfg: TrainConfig) -> Path:
     except UpstreamError as err:
         raise SystemExit(f"error: {err}") from None
     upstream.to(accelerator.device)
-    dataset, speakers, stats = load_train_set(Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed)
+    finetune = cfg.model.upstream_trainable
+    upstream.requires_grad_(finetune)
+    dataset, speakers, stats = load_train_set(
+        Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed
+    )
     model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=len(speakers))
-    optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, model)
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, [model, upstream] if finetune else [model])
     sampler = EpochSampler(len(dataset), cfg.run.seed)
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate_train,
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                        pin_memory=accelerator.device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        sampler=sampler,
+        collate_fn=collate_train,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if finetune:  # a frozen upstream stays outside DDP and outside the checkpoints
+        upstream = accelerator.prepare(upstream)
     if scheduler is not None:
         scheduler = accelerator.prepare(scheduler)
     state = TrainState()
@@ -160,15 +179,19 @@ def train(cfg: TrainConfig) -> Path:
     resume = Path(cfg.run.resume_ckpt_dir) if cfg.run.resume_ckpt_dir else None
     if resume is None and existing:
         if not cfg.run.auto_resume:
-            raise SystemExit(f"error: {exp_dir} already has checkpoints (newest {existing[-1][1].name}); "
-                             "use --auto_resume true to continue, or a new --exp_dir")
+            raise SystemExit(
+                f"error: {exp_dir} already has checkpoints (newest {existing[-1][1].name}); "
+                "use --auto_resume true to continue, or a new --exp_dir"
+            )
         resume = existing[-1][1]
     if resume is not None:
         if not (resume / "train_state.json").is_file():
             raise SystemExit(f"error: {resume} is not a complete checkpoint (no train_state.json)")
         check_resumable(load_train_config(resume / "config.yaml"), cfg, resume)
         accelerator.load_state(str(resume))
-        accelerator.print(f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+        accelerator.print(
+            f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})"
+        )
 
     if accelerator.is_main_process:
         exp_dir.mkdir(parents=True, exist_ok=True)
@@ -177,8 +200,19 @@ def train(cfg: TrainConfig) -> Path:
     if accelerator.is_main_process and not run_id_file.exists():
         run_id_file.write_text(f"{exp_dir.name}-{int(time.time())}")
     accelerator.wait_for_everyone()
-    accelerator.init_trackers(cfg.run.wandb_project, config=to_dict(cfg), init_kwargs={"wandb": {
-        "mode": mode, "dir": str(exp_dir), "name": exp_dir.name, "id": run_id_file.read_text(), "resume": "allow"}})
+    accelerator.init_trackers(
+        cfg.run.wandb_project,
+        config=to_dict(cfg),
+        init_kwargs={
+            "wandb": {
+                "mode": mode,
+                "dir": str(exp_dir),
+                "name": exp_dir.name,
+                "id": run_id_file.read_text(),
+                "resume": "allow",
+            }
+        },
+    )
 
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     effective = cfg.data.batch_size * accelerator.num_processes * cfg.optim.gradient_accumulate
@@ -188,31 +222,43 @@ def train(cfg: TrainConfig) -> Path:
         f"{num_trainable / 1e6:.2f} M trainable parameters\n"
         f"effective batch {effective} = {cfg.data.batch_size} per device x {accelerator.num_processes} processes x "
         f"{cfg.optim.gradient_accumulate} accumulation; {len(loader)} batches per epoch per process; "
-        f"{cfg.run.total_steps} updates on {accelerator.device} (mixed precision: {cfg.run.mixed_precision})")
-    if cfg.run.save_initial and state.step == 0 and not existing:
-        save_checkpoint(accelerator, model, cfg, state, exp_dir)
+        f"{cfg.run.total_steps} updates on {accelerator.device} (mixed precision: {cfg.run.mixed_precision})"
+    )
+    if cfg.run.save_initial and state.step == 0 and resume is None:
+        save_checkpoint(accelerator, model, upstream, cfg, state, exp_dir)
 
     # ---- the loop: one optimizer update every gradient_accumulate batches
     # bf16/fp16 only pays off for neural upstreams; signal-processing front-ends stay in fp32.
     upstream_autocast = cfg.model.upstream not in WEIGHT_FREE
     log_path = exp_dir / "train_log.jsonl"
     sums = torch.zeros(3, device=accelerator.device)  # loss, correct, count since the last log
-    skipped_updates, t_log, t_start, last_saved = 0, time.time(), time.time(), -1
+    skipped_updates, t_log, t_start, last_saved = 0, time.time(), time.time(), state.step
     model.train()
+    upstream.train(finetune)
     while state.step < cfg.run.total_steps:
         loader.set_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for wav, wav_len, labels in epoch_loader:
             state.batch_in_epoch += 1
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model, *([upstream] if finetune else [])):
                 with accelerator.autocast() if upstream_autocast else torch.autocast(wav.device.type, enabled=False):
-                    hidden, hidden_len = upstream_forward(upstream, wav, wav_len)
+                    if finetune:
+                        hidden, hidden_len = upstream(wav, wav_len)
+                    else:
+                        hidden, hidden_len = upstream_forward(upstream, wav, wav_len)
                 loss, logits = model(hidden, hidden_len, labels)
                 accelerator.backward(loss)
-                sums += torch.stack([loss.detach().float() * len(labels),
-                                     (logits.argmax(-1) == labels).sum().float(), torch.tensor(float(len(labels)), device=sums.device)])
+                sums += torch.stack(
+                    [
+                        loss.detach().float() * len(labels),
+                        (logits.argmax(-1) == labels).sum().float(),
+                        torch.tensor(float(len(labels)), device=sums.device),
+                    ]
+                )
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.gradient_clipping)
+                    grad_norm = accelerator.clip_grad_norm_(
+                        [p for g in optimizer.param_groups for p in g["params"]], cfg.optim.gradient_clipping
+                    )
                     # s3prl skips the update when the gradient is not finite; so do we, and count it.
                     if torch.isfinite(grad_norm):
                         optimizer.step()
@@ -228,22 +274,29 @@ def train(cfg: TrainConfig) -> Path:
             if state.step % cfg.run.log_step == 0 or state.step == cfg.run.total_steps:
                 totals = accelerator.reduce(sums, reduction="sum")
                 lr = optimizer.param_groups[0]["lr"]
-                record = {"train/loss": (totals[0] / totals[2]).item(), "train/acc": (totals[1] / totals[2]).item(),
-                          "train/lr": lr, "train/grad_norm": float(grad_norm), "train/skipped_updates": skipped_updates,
-                          "train/updates_per_s": cfg.run.log_step / max(time.time() - t_log, 1e-9)}
+                record = {
+                    "train/loss": (totals[0] / totals[2]).item(),
+                    "train/acc": (totals[1] / totals[2]).item(),
+                    "train/lr": lr,
+                    "train/grad_norm": float(grad_norm),
+                    "train/skipped_updates": skipped_updates,
+                    "train/updates_per_s": cfg.run.log_step / max(time.time() - t_log, 1e-9),
+                }
                 weights = accelerator.unwrap_model(model).layer_weights()
                 if weights is not None:
                     record.update({f"featurizer/layer_{i}": w for i, w in enumerate(weights.tolist())})
                 accelerator.log(record, step=state.step)
-                accelerator.print(f"step {state.step}/{cfg.run.total_steps} epoch {state.epoch} loss {record['train/loss']:.4f} "
-                                  f"acc {record['train/acc']:.3f} lr {lr:.2e} grad_norm {record['train/grad_norm']:.2f}")
+                accelerator.print(
+                    f"step {state.step}/{cfg.run.total_steps} epoch {state.epoch} loss {record['train/loss']:.4f} "
+                    f"acc {record['train/acc']:.3f} lr {lr:.2e} grad_norm {record['train/grad_norm']:.2f}"
+                )
                 if accelerator.is_main_process:
                     with open(log_path, "a") as f:
                         f.write(json.dumps({"step": state.step, **record}) + "\n")
                 sums.zero_()
                 t_log = time.time()
             if state.step % cfg.run.save_step == 0 or state.step == cfg.run.total_steps:
-                save_checkpoint(accelerator, model, cfg, state, exp_dir)
+                save_checkpoint(accelerator, model, upstream, cfg, state, exp_dir)
                 last_saved = state.step
             if state.step >= cfg.run.total_steps:
                 break
@@ -252,21 +305,32 @@ def train(cfg: TrainConfig) -> Path:
             state.batch_in_epoch = 0
 
     if last_saved != state.step and state.step > 0:
-        save_checkpoint(accelerator, model, cfg, state, exp_dir)
+        save_checkpoint(accelerator, model, upstream, cfg, state, exp_dir)
     if accelerator.is_main_process:
         final = list_checkpoints(exp_dir)[-1][1]
         shutil.copy(final / "embedder.safetensors", exp_dir / "embedder.safetensors")
-        (exp_dir / "train_summary.json").write_text(json.dumps(
-            {"steps": state.step, "skipped_updates": skipped_updates, "train_seconds": round(time.time() - t_start, 1),
-             **stats}, indent=1))
+        (exp_dir / "train_summary.json").write_text(
+            json.dumps(
+                {
+                    "steps": state.step,
+                    "skipped_updates": skipped_updates,
+                    "train_seconds": round(time.time() - t_start, 1),
+                    **stats,
+                },
+                indent=1,
+            )
+        )
     accelerator.end_training()
     accelerator.print(f"done: {state.step} updates; checkpoints in {exp_dir}")
     return exp_dir
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    cfg, extra = parse(TrainConfig, argv, extra={
-        "--list_upstreams": dict(action="store_true", help="print every s3prl upstream name and exit")})
+    cfg, extra = parse(
+        TrainConfig,
+        argv,
+        extra={"--list_upstreams": dict(action="store_true", help="print every s3prl upstream name and exit")},
+    )
     if extra["list_upstreams"]:
         print("\n".join(list_upstreams()))
         return None

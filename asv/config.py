@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import yaml
 from simple_parsing import ArgumentParser, DashVariant
@@ -26,8 +25,6 @@ class DataConfig:
     min_secs: float = 2.0
     # Randomly crop training utterances longer than this, in seconds (a new crop every epoch).
     max_secs: float = 8.0
-    # Gain applied to training audio before the VAD, in dB (SUPERB's sox `gain -3`).
-    gain_db: float = -3.0
     # Utterances per batch on each device.
     batch_size: int = 10
     # DataLoader worker processes per device (s3prl: 6; 0 loads in the main process).
@@ -45,11 +42,14 @@ class ModelConfig:
     # HuBERT Base, the upstream of s3prl's own verified SuperbASV rerun (5.14 percent EER).
     upstream: str = "hubert"
     # Checkpoint path or URL for *_local / *_url / *_custom upstream names.
-    upstream_ckpt: Optional[str] = None
+    upstream_ckpt: str | None = None
+    # Fine-tune the upstream too (SUPERB: frozen). It then trains in train mode at --lr and its
+    # weights are saved in every checkpoint.
+    upstream_trainable: bool = False
     # Layer-normalise each upstream hidden state (S3PRLUpstream `normalize`).
     upstream_normalize: bool = False
     # 0-based hidden states to mix (default: all of them).
-    layer_selections: Optional[list[int]] = None
+    layer_selections: list[int] | None = None
     # Layer-normalise hidden states before the weighted sum (Featurizer `normalize`; SUPERB: off).
     featurizer_normalize: bool = False
     # Downstream model by name (registry asv.models.DOWNSTREAMS).
@@ -112,13 +112,13 @@ class RunConfig:
     # Save a checkpoint every this many updates.
     save_step: int = 10_000
     # Keep only the newest N checkpoints (default: keep all).
-    keep_num_ckpts: Optional[int] = None
+    keep_num_ckpts: int | None = None
     # Also save the untrained model as step-0 (a reference point for evaluation).
     save_initial: bool = False
     # Resume from the newest complete checkpoint in exp_dir if there is one.
     auto_resume: bool = True
     # Resume from this checkpoint directory instead.
-    resume_ckpt_dir: Optional[str] = None
+    resume_ckpt_dir: str | None = None
     # Seed for python, numpy, torch, the sampler and the crops.
     seed: int = 0
     # no | fp16 | bf16. Keep `no` on CPUs: bf16 matmuls there are ~100x slower than fp32.
@@ -131,7 +131,18 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    """train.py: SUPERB ASV training."""
+    """train.py: SUPERB ASV training. Defaults are SuperbASV.default_config (s3prl 0.4.18):
+    build_dataset.train.{min_secs,max_secs} -> --min_secs --max_secs; build_batch_sampler.train.batch_size
+    -> --batch_size (test batch size: evaluate.py); build_upstream.{name,path_or_url,normalize} -> --upstream
+    --upstream_ckpt --upstream_normalize; build_featurizer.{layer_selections,normalize} -> --layer_selections
+    --featurizer_normalize; build_model.upstream_trainable -> --upstream_trainable; build_downstream -> --downstream
+    --embed_dim --hidden_size --aggregation_size --dropout_p --batch_norm; build_task.{loss_type,loss_conf} ->
+    --loss --margin --scale; build_optimizer.{name,conf.lr} -> --optimizer --lr; build_scheduler.{name,gamma} ->
+    --scheduler --scheduler_kwargs; train.{total_steps,log_step,save_step,gradient_clipping,gradient_accumulate,
+    auto_resume,resume_ckpt_dir,keep_num_ckpts} -> same names; target_dir -> --exp_dir; seed -> --seed.
+    train.eval_step / valid_metric / valid_higher_better: ASV has no in-training validation (evaluate.py scores
+    checkpoints); prepare_data.dataset_root and cache_dir: prepare.py; test_ckpt_steps: evaluate.py.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -153,7 +164,9 @@ def parse(config_cls, argv: list[str] | None = None, extra: dict | None = None):
     config_path = _pop_config_path(argv)
     defaults = load_yaml_config(config_path, config_cls) if config_path else config_cls()
     parser = ArgumentParser(add_option_string_dash_variants=DashVariant.UNDERSCORE)
-    parser.add_argument("--config_path", default=None, help="YAML file of config deltas (flags override it)")
+    parser.add_argument(
+        "--config_path", default=None, metavar="FILE", help="YAML file of config deltas (flags override it)"
+    )
     parser.add_arguments(config_cls, dest="cfg", default=defaults)
     for flag, kwargs in (extra or {}).items():
         parser.add_argument(flag, **kwargs)
@@ -225,5 +238,15 @@ def load_train_config(path: Path) -> TrainConfig:
     return TrainConfig(**{name: cls(**data.get(name, {})) for name, cls in sections.items()})
 
 
-__all__ = ["DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "RunConfig", "TrainConfig",
-           "parse", "save_config", "load_train_config", "to_dict"]
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "parse",
+    "save_config",
+    "load_train_config",
+    "to_dict",
+]

@@ -146,8 +146,15 @@ class TrainDataset(Dataset):
     run draws exactly the crops the uninterrupted run would have.
     """
 
-    def __init__(self, utterances: list[Utterance], speakers: dict[str, int], intervals: dict[str, list],
-                 gain_db: float, max_secs: float, seed: int):
+    def __init__(
+        self,
+        utterances: list[Utterance],
+        speakers: dict[str, int],
+        intervals: dict[str, list],
+        gain_db: float,
+        max_secs: float,
+        seed: int,
+    ):
         self.utterances, self.speakers, self.intervals = utterances, speakers, intervals
         self.gain_db, self.seed = gain_db, seed
         self.max_samples = round(max_secs * SAMPLE_RATE)
@@ -183,16 +190,21 @@ def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int):
     vad = json.loads(vad_path.read_text())
     missing = [u.id for u in utterances if u.id not in vad["intervals"]]
     if missing:
-        raise ValueError(f"{vad_path} lacks {len(missing)} utterances of train.csv (e.g. {missing[0]}): "
-                         "re-run prepare.py with --force")
+        raise ValueError(
+            f"{vad_path} lacks {len(missing)} utterances of train.csv (e.g. {missing[0]}): "
+            "re-run prepare.py with --force"
+        )
     # SUPERB drops an utterance when len/16000 <= min_secs after VAD (spec 1.5 step 4).
-    kept = [u for u in utterances
-            if sum(e - s for s, e in vad["intervals"][u.id]) / SAMPLE_RATE > min_secs]
+    kept = [u for u in utterances if sum(e - s for s, e in vad["intervals"][u.id]) / SAMPLE_RATE > min_secs]
     if not kept:
         raise ValueError(f"no training utterance in {data_dir} is longer than --min_secs {min_secs} after VAD")
     dataset = TrainDataset(kept, speakers, vad["intervals"], vad["gain_db"], max_secs, seed)
-    stats = {"utterances": len(kept), "dropped_short": len(utterances) - len(kept),
-             "speakers": len({u.spk for u in kept}), "classes": len(speakers)}
+    stats = {
+        "utterances": len(kept),
+        "dropped_short": len(utterances) - len(kept),
+        "speakers": len({u.spk for u in kept}),
+        "classes": len(speakers),
+    }
     return dataset, speakers, stats
 
 

@@ -15,8 +15,15 @@ XVECTOR_LENGTH_REDUCTION = 14
 class TDNN(nn.Module):
     """Time-delay layer (Peddinti et al., 2015) as s3prl's: unfold over time, Linear, ReLU, no padding."""
 
-    def __init__(self, input_size: int, output_size: int, context_size: int, dilation: int,
-                 dropout_p: float = 0.0, batch_norm: bool = False):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        context_size: int,
+        dilation: int,
+        dropout_p: float = 0.0,
+        batch_norm: bool = False,
+    ):
         super().__init__()
         self.input_size, self.context_size, self.dilation = input_size, context_size, dilation
         self.kernel = nn.Linear(input_size * context_size, output_size)
@@ -54,8 +61,15 @@ def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class SuperbXvector(nn.Module):
     """SUPERB's x-vector (Snyder et al., 2018) with the layout and parameter names of s3prl's SuperbXvector."""
 
-    def __init__(self, input_size: int, output_size: int = 512, hidden_size: int = 512,
-                 aggregation_size: int = 1500, dropout_p: float = 0.0, batch_norm: bool = False):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int = 512,
+        hidden_size: int = 512,
+        aggregation_size: int = 1500,
+        dropout_p: float = 0.0,
+        batch_norm: bool = False,
+    ):
         super().__init__()
         self.output_size = output_size
         self.projector = nn.Linear(input_size, hidden_size)
@@ -73,13 +87,13 @@ class SuperbXvector(nn.Module):
         self.affine.linear2 = nn.Linear(output_size, output_size)
 
     def forward(self, x: torch.Tensor, x_len: torch.Tensor) -> torch.Tensor:
-        x = self.tdnns.module(self.projector(x))  # (B, T-14, 1500)
-        x_len = x_len - XVECTOR_LENGTH_REDUCTION
-        if (x_len <= 0).any():
+        if (x_len <= XVECTOR_LENGTH_REDUCTION).any():
             raise ValueError(
                 f"utterance too short for the x-vector: it needs at least {XVECTOR_LENGTH_REDUCTION + 1} "
                 "upstream frames (0.15 s at 10 ms frames, 0.3 s at 20 ms)"
             )
+        x = self.tdnns.module(self.projector(x))  # (B, T-14, 1500)
+        x_len = x_len - XVECTOR_LENGTH_REDUCTION
         h = F.relu(self.affine.linear1(masked_mean_std(x, x_len)))
         if self.training:
             h = F.relu(self.affine.linear2(h))
@@ -120,13 +134,17 @@ def build_speaker_model(model_cfg, loss_cfg, upstream, num_classes: int) -> Spea
     """Featurizer + downstream + head for `upstream`, from the model and loss config sections."""
     from asv.upstream import Featurizer
 
-    featurizer = Featurizer(upstream, layer_selections=model_cfg.layer_selections,
-                            normalize=model_cfg.featurizer_normalize)
+    featurizer = Featurizer(
+        upstream, layer_selections=model_cfg.layer_selections, normalize=model_cfg.featurizer_normalize
+    )
     if model_cfg.downstream not in DOWNSTREAMS:
         raise ValueError(f"unknown downstream '{model_cfg.downstream}'; choose one of: {', '.join(DOWNSTREAMS)}")
     downstream = DOWNSTREAMS[model_cfg.downstream](
-        featurizer.output_size, output_size=model_cfg.embed_dim, hidden_size=model_cfg.hidden_size,
-        aggregation_size=model_cfg.aggregation_size, dropout_p=model_cfg.dropout_p,
+        featurizer.output_size,
+        output_size=model_cfg.embed_dim,
+        hidden_size=model_cfg.hidden_size,
+        aggregation_size=model_cfg.aggregation_size,
+        dropout_p=model_cfg.dropout_p,
         batch_norm=model_cfg.batch_norm,
     )
     head = build_loss(loss_cfg.loss, model_cfg.embed_dim, num_classes, loss_cfg.margin, loss_cfg.scale)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import sys
 import types
 
@@ -26,6 +28,8 @@ except ImportError:
     sys.modules["torchaudio.sox_effects"] = _sox
     torchaudio.sox_effects = _sox
 
+# s3prl warns "ESPnet is not installed" at import for one upstream nobody here uses; keep output clean.
+logging.getLogger("s3prl.upstream.espnet_hubert.expert").setLevel(logging.ERROR)
 from s3prl.nn import Featurizer, S3PRLUpstream  # noqa: E402
 
 __all__ = ["Featurizer", "S3PRLUpstream", "UpstreamError", "build_upstream", "list_upstreams", "upstream_forward"]
@@ -40,7 +44,11 @@ class UpstreamError(RuntimeError):
 
 def list_upstreams() -> list[str]:
     """Every name s3prl's hub accepts (including the *_local / *_custom ones that need --upstream_ckpt)."""
-    return sorted(S3PRLUpstream.available_names(only_registered_ckpt=False))
+    from s3prl import hub
+
+    # hub.options() also returns helpers the hub module imports (FileLock, Path): keep entry functions.
+    names = S3PRLUpstream.available_names(only_registered_ckpt=False)
+    return sorted(n for n in names if inspect.isfunction(getattr(hub, n, None)) and not n.startswith("_"))
 
 
 def build_upstream(name: str, ckpt: str | None = None, normalize: bool = False) -> S3PRLUpstream:

@@ -1,0 +1,171 @@
+"""Audio helpers for training data loading: 16 kHz mono I/O, gain, sox's `silence` VAD, random crop.
+
+SUPERB's train-time pipeline (spec §1.5) runs the sox effects
+`gain -3.0` and `silence 1 0.1 0.1% -1 0.1 0.1%` on every training utterance. torchaudio >= 2.9 no
+longer ships sox effects, so the `silence` effect is re-implemented here from sox's own source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 16000
+
+# sox works on int32 samples; torchaudio's apply_effects_tensor maps float x to trunc(x * 2**31).
+_SOX_SCALE = 2.0**31
+_SOX_SAMPLE_MAX = 2**31 - 1
+
+
+def load_audio(path: str | Path) -> np.ndarray:
+    """Read a 16 kHz file as float32 mono in [-1, 1], downmixing multi-channel audio by the mean."""
+    wav, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C)
+    if sr != SAMPLE_RATE:
+        raise ValueError(f"{path}: sample rate {sr} Hz, expected {SAMPLE_RATE} Hz (resample it first)")
+    return wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+
+
+def apply_gain(wav: np.ndarray, db: float) -> np.ndarray:
+    """Scale amplitude by `db` decibels (sox `gain db`: -3 dB multiplies by 10**(-3/20))."""
+    return (wav * 10.0 ** (db / 20.0)).astype(wav.dtype, copy=False)
+
+
+def _above_threshold(energy_sum: np.ndarray, window: int, threshold: float) -> np.ndarray:
+    """sox's `aboveThreshold(compute_rms(...))` for windowed sums of squared int32 samples."""
+    # sox: rms = (sox_sample_t) sqrt(sum / window); above = rms / SOX_SAMPLE_MAX * 100 > threshold%.
+    # rms is an integer, so "rms > T" is "rms >= floor(T) + 1", i.e. sum / window >= (floor(T) + 1)**2.
+    level = np.floor(threshold * _SOX_SAMPLE_MAX) + 1.0
+    return energy_sum >= level * level * window
+
+
+def _run_starts(flags: np.ndarray, length: int) -> np.ndarray:
+    """Every index i where flags[i : i + length] is all True (sorted)."""
+    if len(flags) < length:
+        return np.empty(0, dtype=np.int64)
+    counts = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+    return np.flatnonzero(counts[length:] - counts[:-length] == length)
+
+
+def _first_run_start(flags: np.ndarray, length: int) -> int:
+    """Index of the first run of `length` consecutive True values in `flags`, or -1."""
+    starts = _run_starts(flags, length)
+    return int(starts[0]) if len(starts) else -1
+
+
+def speech_intervals(
+    wav: np.ndarray,
+    sr: int = SAMPLE_RATE,
+    above_periods: int = 1,
+    above_duration: float = 0.1,
+    above_threshold: float = 0.001,
+    below_periods: int = -1,
+    below_duration: float = 0.1,
+    below_threshold: float = 0.001,
+) -> list[tuple[int, int]]:
+    """Sample intervals [start, end) that sox `silence` keeps, so VAD'd crops map back to the file.
+
+    Reproduces `silence 1 <above_duration> <above_threshold*100>% -1 <below_duration>
+    <below_threshold*100>%` of SoX 14.4 (src/silence.c, e.g. the chirlu/sox mirror): thresholds are
+    fractions of full scale (0.001 == "0.1%"). Mono only; periods other than 1 / -1 are not supported.
+
+    Behaviours taken from silence.c:
+    * Level: RMS over a sliding window of `sr // 50` samples (20 ms) ending at the current sample
+      (`compute_rms`), in int32 units (x * 2**31, truncated) and truncated to an integer, compared
+      as `rms / (2**31 - 1) * 100 > threshold%` (`aboveThreshold`; strict, unlike SoX <= 14.0's >=).
+      No precision masking: float32 input counts as 32-bit, as through torchaudio's
+      `apply_effects_tensor` (SuperbASV's path).
+    * Start trimming (SILENCE_TRIM): samples are dropped until `round(above_duration * sr)`
+      consecutive samples are above threshold; those samples are kept (the start holdoff is
+      flushed). A below-threshold sample empties the holdoff, so a burst shorter than that is dropped.
+    * Copying (SILENCE_COPY): below-threshold samples are held back; an above-threshold sample
+      flushes them, so gaps shorter than `round(below_duration * sr)` are kept. When the held-back
+      run reaches that length it is dropped.
+    * Restart (negative below_periods): after such a drop the RMS window is zeroed (`clear_rms`) and
+      the effect goes back to start trimming, so the next segment again needs a full above-threshold
+      run (and the zeroed window makes its first 20 ms quieter than a continuous window would).
+    * End of input (`sox_silence_drain`): held-back silence shorter than below_duration is output;
+      an unfinished start holdoff is discarded.
+    """
+    if above_periods != 1 or abs(below_periods) != 1:
+        raise ValueError("only above_periods=1 and below_periods=+-1 are supported")
+    n = len(wav)
+    window = int(sr // 50)
+    start_len = int(round(above_duration * sr))
+    stop_len = int(round(below_duration * sr))
+    if min(start_len, stop_len) < window:
+        # Shorter holdoffs would let copy mode start inside the zeroed window after a restart.
+        raise ValueError(f"durations must be at least the 20 ms RMS window ({window} samples)")
+
+    samples = np.trunc(np.clip(np.asarray(wav, np.float64) * _SOX_SCALE, -_SOX_SCALE, _SOX_SAMPLE_MAX))
+    energy = np.concatenate([[0.0], np.cumsum(samples * samples)])  # energy[i] = sum(samples[:i]**2)
+    ends = np.arange(1, n + 1)
+    # Window sums as if the window had run since the file start (sox starts it zeroed).
+    window_sum = energy[ends] - energy[np.maximum(ends - window, 0)]
+    above = _above_threshold(window_sum, window, above_threshold)
+    below = ~_above_threshold(window_sum, window, below_threshold)
+    above_runs = _run_starts(above, start_len)
+    below_runs = _run_starts(below, stop_len)
+
+    intervals: list[tuple[int, int]] = []
+    pos, search_from = 0, 0
+    while pos < n:
+        # SILENCE_TRIM from `pos`: find the first run of start_len above-threshold samples.
+        begin = -1
+        if pos > 0:
+            # After a restart the window was zeroed at `pos`, so its first window-1 samples see a
+            # smaller RMS than `above` assumes: redo those, then fall back to the global runs.
+            head = min(window - 1, n - pos)
+            head_sum = energy[pos + 1 : pos + head + 1] - energy[pos]
+            head_above = _above_threshold(head_sum, window, above_threshold)
+            flags = np.concatenate([head_above, above[pos + head : pos + head + start_len]])
+            first = _first_run_start(flags, start_len)
+            if 0 <= first < head:
+                begin = pos + first
+            search_from = pos + head
+        if begin < 0:
+            k = np.searchsorted(above_runs, search_from)
+            if k == len(above_runs):
+                break  # the start holdoff never fills: everything left is dropped
+            begin = int(above_runs[k])
+
+        # SILENCE_COPY after the flushed start holdoff: find stop_len below-threshold samples.
+        k = np.searchsorted(below_runs, begin + start_len)
+        if k == len(below_runs):
+            intervals.append((begin, n))  # drain() outputs a short trailing silence too
+            break
+        end = int(below_runs[k])
+        intervals.append((begin, end))
+        if below_periods > 0:
+            break  # no restart: SILENCE_STOP drops everything after the first long silence
+        pos = end + stop_len
+
+    return intervals
+
+
+def sox_silence(
+    wav: np.ndarray,
+    sr: int = SAMPLE_RATE,
+    above_periods: int = 1,
+    above_duration: float = 0.1,
+    above_threshold: float = 0.001,
+    below_periods: int = -1,
+    below_duration: float = 0.1,
+    below_threshold: float = 0.001,
+) -> np.ndarray:
+    """Apply sox's `silence` effect (SUPERB's train-time VAD); see `speech_intervals` for details."""
+    intervals = speech_intervals(
+        wav, sr, above_periods, above_duration, above_threshold, below_periods, below_duration, below_threshold
+    )
+    if not intervals:
+        return wav[:0].copy()
+    return np.concatenate([wav[s:e] for s, e in intervals])
+
+
+def random_crop(wav: np.ndarray, max_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Random contiguous crop of at most `max_samples` samples (whole signal if it is shorter)."""
+    if len(wav) <= max_samples:
+        return wav
+    start = int(rng.integers(0, len(wav) - max_samples + 1))
+    return wav[start : start + max_samples]

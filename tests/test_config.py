@@ -1,0 +1,94 @@
+import subprocess
+import sys
+
+import pytest
+
+from asv.config import TrainConfig, load_train_config, parse, save_config
+from tests.conftest import ROOT
+
+# Every SuperbASV.default_config field (spec 3.1) that belongs to training, as the flag that carries it.
+DEFAULT_CONFIG_FLAGS = [
+    "--exp_dir",
+    "--min_secs",
+    "--max_secs",
+    "--batch_size",
+    "--upstream",
+    "--upstream_ckpt",
+    "--upstream_normalize",
+    "--layer_selections",
+    "--featurizer_normalize",
+    "--upstream_trainable",
+    "--downstream",
+    "--loss",
+    "--margin",
+    "--scale",
+    "--optimizer",
+    "--lr",
+    "--scheduler",
+    "--scheduler_kwargs",
+    "--total_steps",
+    "--log_step",
+    "--save_step",
+    "--gradient_clipping",
+    "--gradient_accumulate",
+    "--auto_resume",
+    "--resume_ckpt_dir",
+    "--keep_num_ckpts",
+    "--seed",
+]
+
+
+def test_train_help_lists_every_default_config_field():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for flag in DEFAULT_CONFIG_FLAGS:
+        assert flag in out.stdout, flag
+    # The comment above each field is its help text.
+    assert "Drop training utterances" in out.stdout
+
+
+def test_defaults_are_the_superb_recipe():
+    cfg = TrainConfig()
+    assert (cfg.data.min_secs, cfg.data.max_secs, cfg.data.batch_size) == (2.0, 8.0, 10)
+    assert (cfg.loss.loss, cfg.loss.margin, cfg.loss.scale) == ("amsoftmax", 0.4, 30.0)
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.gradient_accumulate, cfg.optim.gradient_clipping) == (
+        "AdamW",
+        1e-4,
+        5,
+        1000.0,
+    )
+    assert (cfg.run.total_steps, cfg.run.log_step, cfg.run.save_step) == (200_000, 500, 10_000)
+    assert (
+        cfg.model.layer_selections is None and not cfg.model.upstream_trainable and not cfg.model.featurizer_normalize
+    )
+
+
+def test_yaml_selects_non_default_loss_and_flags_override_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  loss: softmax\nrun:\n  total_steps: 7\nlr: 0.5\n")
+    cfg, _ = parse(TrainConfig, ["--config_path", str(path)])
+    assert (cfg.loss.loss, cfg.run.total_steps, cfg.optim.lr) == ("softmax", 7, 0.5)
+    cfg, _ = parse(TrainConfig, ["--config_path", str(path), "--lr", "0.1", "--loss", "amsoftmax"])
+    assert (cfg.loss.loss, cfg.optim.lr, cfg.run.total_steps) == ("amsoftmax", 0.1, 7)
+
+
+@pytest.mark.parametrize(
+    "text, key", [("run:\n  total_stepz: 3\n", "run.total_stepz"), ("learning_rate: 1\n", "learning_rate")]
+)
+def test_unknown_yaml_key_is_an_error_naming_it(tmp_path, text, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=key):
+        parse(TrainConfig, ["--config_path", str(path)])
+
+
+def test_unknown_flag_is_an_error():
+    with pytest.raises(SystemExit) as err:
+        parse(TrainConfig, ["--learning_rate", "1"])
+    assert err.value.code == 2
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg, _ = parse(TrainConfig, ["--upstream", "mfcc", "--layer_selections", "0", "2", "--margin", "0.2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_train_config(tmp_path / "config.yaml") == cfg

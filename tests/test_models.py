@@ -1,0 +1,113 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import asv.upstream  # noqa: F401  (installs the torchaudio shim before s3prl imports)
+from asv.config import LossConfig, ModelConfig
+from asv.losses import AMSoftmax, build_loss
+from asv.models import XVECTOR_LENGTH_REDUCTION, SuperbXvector, build_speaker_model, masked_mean_std
+
+
+def test_xvector_shapes_and_length_reduction():
+    model = SuperbXvector(240).eval()
+    x = torch.randn(3, 50, 240)
+    out = model(x, torch.tensor([50, 30, XVECTOR_LENGTH_REDUCTION + 1]))
+    assert out.shape == (3, 512)
+    assert XVECTOR_LENGTH_REDUCTION == 14
+    # The TDNN stack loses exactly 14 frames: 50 in, 36 out.
+    assert model.tdnns.module(model.projector(x)).shape == (3, 36, 1500)
+    with pytest.raises(ValueError, match="too short"):
+        model(x[:, :14], torch.tensor([14, 14, 14]))
+
+
+def test_parameter_count_matches_superb():
+    # Spec 2.3: projector 393,728 + TDNNs 3,917,276 + affine 1,799,168 at input 768 = 6.11 M.
+    assert sum(p.numel() for p in SuperbXvector(768).parameters()) == 6_110_172
+    assert sum(p.numel() for p in SuperbXvector(240).projector.parameters()) == 123_392
+
+
+def test_xvector_matches_s3prl_reference():
+    from s3prl.nn.speaker_model import SuperbXvector as Reference
+
+    torch.manual_seed(0)
+    ref, ours = Reference(80), SuperbXvector(80)
+    ours.load_state_dict(ref.state_dict())  # same parameter names and shapes
+    x, lens = torch.randn(4, 90, 80), torch.tensor([90, 64, 31, 17])
+    for training in (True, False):
+        ref.train(training)
+        ours.train(training)
+        torch.testing.assert_close(ours(x, lens), ref(x, lens), rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_does_not_depend_on_batch_padding():
+    torch.manual_seed(0)
+    model = SuperbXvector(40).eval()
+    a, b = torch.randn(1, 60, 40), torch.randn(1, 25, 40)
+    batch = torch.zeros(2, 60, 40)
+    batch[0], batch[1, :25] = a[0], b[0]
+    together = model(batch, torch.tensor([60, 25]))
+    torch.testing.assert_close(together[1], model(b, torch.tensor([25]))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_single_frame_and_dead_units_are_finite():
+    x = torch.zeros(2, 5, 3, requires_grad=True)  # zero variance everywhere, like dead ReLU units
+    pooled = masked_mean_std(x, torch.tensor([1, 5]))
+    assert torch.isfinite(pooled).all()
+    pooled.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    y = torch.randn(1, 6, 4)
+    torch.testing.assert_close(masked_mean_std(y, torch.tensor([6]))[0, 4:], y[0].std(0))
+
+
+def test_amsoftmax_against_formula_and_s3prl():
+    from s3prl.nn.speaker_loss import amsoftmax
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 16), torch.tensor([0, 1, 2, 3, 4, 0])
+    ours = AMSoftmax(16, 5, margin=0.4, scale=30.0)
+    W = ours.W.detach()
+    cos = (x / x.norm(dim=1, keepdim=True)) @ (W / W.norm(dim=0, keepdim=True))
+    logits = 30.0 * (cos - 0.4 * F.one_hot(y, 5))
+    expected = -(logits.gather(1, y[:, None]).squeeze(1) - logits.logsumexp(1)).mean()
+    loss, out_logits = ours(x, y)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(out_logits, logits)
+    ref = amsoftmax(16, 5, margin=0.4, scale=30)
+    ref.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ref(x, y)[0], loss)
+
+
+def test_amsoftmax_without_margin_is_scaled_cosine_cross_entropy():
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 1])
+    head = AMSoftmax(8, 3, margin=0.0, scale=10.0)
+    cos = F.normalize(x, dim=1) @ F.normalize(head.W, dim=0)
+    torch.testing.assert_close(head(x, y)[0], F.cross_entropy(10.0 * cos, y))
+
+
+class FakeUpstream:
+    """What Featurizer reads from an upstream: sizes, strides, layer count."""
+
+    num_layers, hidden_sizes, downsample_rates = 3, [4, 4, 4], [320, 320, 320]
+
+
+def test_featurizer_weights_start_uniform_and_select_layers():
+    hs = [torch.full((1, 2, 4), float(i)) for i in range(3)]
+    lens = [torch.tensor([2])] * 3
+    model = build_speaker_model(ModelConfig(), LossConfig(), FakeUpstream(), num_classes=2)
+    assert torch.equal(model.featurizer.weights.detach(), torch.zeros(3))
+    torch.testing.assert_close(model.layer_weights(), torch.full((3,), 1 / 3))
+    mixed, _ = model.featurizer(hs, lens)
+    torch.testing.assert_close(mixed, torch.full((1, 2, 4), 1.0))  # mean of 0, 1, 2
+    picked = build_speaker_model(ModelConfig(layer_selections=[2, 0]), LossConfig(), FakeUpstream(), 2)
+    assert picked.featurizer.layer_selections == [0, 2]
+    torch.testing.assert_close(picked.featurizer(hs, lens)[0], torch.full((1, 2, 4), 1.0))  # mean of 0, 2
+    with torch.no_grad():
+        picked.featurizer.weights.copy_(torch.tensor([0.0, 100.0]))
+    torch.testing.assert_close(picked.featurizer(hs, lens)[0], torch.full((1, 2, 4), 2.0))
+
+
+def test_registries_reject_unknown_names():
+    with pytest.raises(ValueError, match="amsoftmax"):
+        build_loss("arcface", 8, 2, 0.2, 30)
+    with pytest.raises(ValueError, match="xvector"):
+        build_speaker_model(ModelConfig(downstream="resnet"), LossConfig(), FakeUpstream(), 2)

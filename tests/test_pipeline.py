@@ -1,0 +1,277 @@
+"""End to end on CPU: prepare the generated corpus, train a few updates, resume, evaluate; 1 and 2 processes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY_CORPUS = [
+    "--demo_train_speakers",
+    "6",
+    "--demo_test_speakers",
+    "4",
+    "--demo_videos",
+    "2",
+    "--demo_utts_per_video",
+    "2",
+    "--demo_trials",
+    "40",
+    "--num_workers",
+    "1",
+]
+TRAIN = [
+    "--upstream",
+    "fbank",
+    "--batch_size",
+    "4",
+    "--gradient_accumulate",
+    "2",
+    "--max_secs",
+    "1.5",
+    "--log_step",
+    "1",
+    "--num_workers",
+    "0",
+    "--wandb_mode",
+    "disabled",
+]
+
+
+def run(args, env=None, check=True):
+    out = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def launch_2proc(args):
+    cmd = [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "accelerate_configs/cpu_2proc.yaml",
+        "--main_process_port",
+        "29561",
+        *args,
+    ]
+    return run(cmd, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    run(
+        [
+            "prepare.py",
+            "--dataset",
+            "demo",
+            "--dataset_root",
+            str(tmp / "corpus"),
+            "--out_dir",
+            str(tmp / "data"),
+            *TINY_CORPUS,
+        ]
+    )
+    return tmp / "data"
+
+
+def losses(exp_dir):
+    return [
+        (r["step"], r["train/loss"]) for r in map(json.loads, (exp_dir / "train_log.jsonl").read_text().splitlines())
+    ]
+
+
+def test_prepare_writes_the_documented_artifacts(data_dir):
+    header = (data_dir / "train.csv").read_text().splitlines()[0]
+    assert header == "id,wav_path,spk,num_samples"
+    speakers = json.loads((data_dir / "speakers.json").read_text())
+    assert list(speakers) == sorted(speakers) and list(speakers.values()) == list(range(6))
+    vad = json.loads((data_dir / "vad.json").read_text())
+    assert vad["gain_db"] == -3.0 and len(vad["intervals"]) == 6 * 2 * 2
+    trials = (data_dir / "trials" / "demo_test.csv").read_text().splitlines()
+    assert trials[0] == "id1,id2,wav_path1,wav_path2,label" and len(trials) == 41
+    # Test speakers never appear in training.
+    train_spk = {line.split(",")[2] for line in (data_dir / "train.csv").read_text().splitlines()[1:]}
+    trial_spk = {line.split(",")[0].split("/")[0] for line in trials[1:]}
+    assert not train_spk & trial_spk
+
+
+def test_prepare_is_idempotent(data_dir):
+    out = run(
+        [
+            "prepare.py",
+            "--dataset",
+            "demo",
+            "--dataset_root",
+            str(data_dir.parent / "corpus"),
+            "--out_dir",
+            str(data_dir),
+            *TINY_CORPUS,
+        ]
+    )
+    assert "already prepared" in out.stdout
+
+
+def test_prepare_voxceleb1_errors_are_one_line(tmp_path, data_dir):
+    out = run(["prepare.py", "--dataset", "voxceleb1", "--dataset_root", "/nonexistent"], check=False)
+    assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and "/nonexistent" in out.stderr
+    bad = tmp_path / "trials.txt"
+    bad.write_text("1 id10001/abc/00001.wav id10002/abc/00001.wav\n0 id10001/abc/00001.wav nope/x/y.wav\n")
+    out = run(
+        [
+            "prepare.py",
+            "--dataset",
+            "voxceleb1",
+            "--dataset_root",
+            str(data_dir.parent / "corpus"),
+            "--trials",
+            str(bad),
+            "--out_dir",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+    )
+    assert out.returncode != 0 and "3 trial utterances" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_train_resume_evaluate(tmp_path, data_dir):
+    exp = tmp_path / "exp"
+    common = [*TRAIN, "--data_dir", str(data_dir), "--exp_dir", str(exp), "--save_step", "2"]
+    run(["train.py", *common, "--total_steps", "4", "--save_initial", "true"])
+    assert sorted(p.name for p in exp.glob("step-*")) == ["step-0", "step-2", "step-4"]
+    ckpt = exp / "step-4"
+    for name in ("embedder.safetensors", "model.safetensors", "optimizer.bin", "config.yaml", "train_state.json"):
+        assert (ckpt / name).is_file(), name
+    assert json.loads((ckpt / "train_state.json").read_text())["step"] == 4
+
+    out = run(["train.py", *common, "--total_steps", "6"])  # auto-resume continues at the next step
+    assert "resumed from" in out.stdout and "at step 4" in out.stdout
+    assert [s for s, _ in losses(exp)] == [1, 2, 3, 4, 5, 6]
+
+    run(["evaluate.py", "--exp_dir", str(exp), "--wandb_mode", "disabled", "--num_workers", "0"])
+    for step in (0, 2, 4, 6):
+        res = json.loads((exp / "evaluate" / "demo_test" / f"step-{step}" / "results.json").read_text())
+        assert res["num_trials"] == 40
+        assert all(math.isfinite(res[k]) for k in ("eer", "min_dcf@0.01", "min_dcf@0.05"))
+        assert 0 <= res["eer"] <= 100
+    best = json.loads((exp / "evaluate" / "demo_test" / "best_result.json").read_text())
+    assert best["eer"] == min(
+        json.loads(p.read_text())["eer"] for p in exp.glob("evaluate/demo_test/step-*/results.json")
+    )
+
+
+def test_resumed_run_reproduces_the_uninterrupted_loss_log(tmp_path, data_dir):
+    base = [*TRAIN, "--data_dir", str(data_dir), "--save_step", "3"]
+    run(["train.py", *base, "--exp_dir", str(tmp_path / "a"), "--total_steps", "6"])
+    run(["train.py", *base, "--exp_dir", str(tmp_path / "b"), "--total_steps", "3"])
+    run(["train.py", *base, "--exp_dir", str(tmp_path / "b"), "--total_steps", "6"])
+    # 6 updates x 2 batches x 4 utterances = 48 > 8 utterances: the resumed run crosses epochs too.
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_two_processes_same_layout_and_scores(tmp_path, data_dir):
+    exp = tmp_path / "exp2"
+    args = [
+        "train.py",
+        *TRAIN,
+        "--data_dir",
+        str(data_dir),
+        "--exp_dir",
+        str(exp),
+        "--batch_size",
+        "2",
+        "--total_steps",
+        "2",
+        "--save_step",
+        "2",
+    ]
+    out = launch_2proc(args)
+    assert "effective batch 8 = 2 per device x 2 processes x 2 accumulation" in out.stdout
+    ckpt = exp / "step-2"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert (ckpt / "embedder.safetensors").is_file() and not list(exp.glob(".tmp-*"))
+    # Sharded evaluation gathers every utterance exactly once: the same scores as one process.
+    launch_2proc(
+        [
+            "evaluate.py",
+            "--ckpt_dir",
+            str(ckpt),
+            "--wandb_mode",
+            "disabled",
+            "--num_workers",
+            "0",
+            "--out_dir",
+            str(tmp_path / "ev2"),
+        ]
+    )
+    run(
+        [
+            "evaluate.py",
+            "--ckpt_dir",
+            str(ckpt),
+            "--wandb_mode",
+            "disabled",
+            "--num_workers",
+            "0",
+            "--out_dir",
+            str(tmp_path / "ev1"),
+        ]
+    )
+    s2 = np.loadtxt(tmp_path / "ev2" / "demo_test" / "step-2" / "scores.txt")
+    s1 = np.loadtxt(tmp_path / "ev1" / "demo_test" / "step-2" / "scores.txt")
+    np.testing.assert_allclose(s2, s1, atol=1e-5)
+
+
+def test_download_needing_upstream_fails_with_one_line(tmp_path, data_dir):
+    out = run(
+        [
+            "train.py",
+            *TRAIN,
+            "--upstream",
+            "wavlm_large",
+            "--data_dir",
+            str(data_dir),
+            "--exp_dir",
+            str(tmp_path / "x"),
+            "--total_steps",
+            "1",
+        ],
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "--upstream_ckpt" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_wandb_offline_run_is_written(tmp_path, data_dir):
+    exp = tmp_path / "wb"
+    run(
+        [
+            "train.py",
+            *TRAIN,
+            "--data_dir",
+            str(data_dir),
+            "--exp_dir",
+            str(exp),
+            "--total_steps",
+            "1",
+            "--wandb_mode",
+            "offline",
+        ],
+        env={"WANDB_MODE": ""},
+    )
+    assert list((exp / "wandb").glob("offline-run-*"))
