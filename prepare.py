@@ -193,6 +193,15 @@ def manifest_layout(train_csv: Path, trial_files: list[Path], root: Path | None)
     return train, trials
 
 
+def corpus_version(cfg: PrepareConfig) -> int | None:
+    """The generator version behind a demo corpus: a newer generator means the prepared data is stale."""
+    if cfg.dataset != "demo":
+        return None
+    from asv.synth import CORPUS_VERSION
+
+    return CORPUS_VERSION
+
+
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse(PrepareConfig, argv)
     t0 = time.time()
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> Path:
     done_marker = out / "prepare.json"
     if done_marker.is_file() and not cfg.force:
         previous = json.loads(done_marker.read_text())
-        if previous["config"] == asdict(cfg):
+        if previous["config"] == asdict(cfg) and previous.get("corpus_version") == corpus_version(cfg):
             print(f"{out} is already prepared (prepare.json matches; --force redoes it)")
             print_summary(previous["summary"])
             return out
@@ -208,7 +217,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     cache_dir = Path(cfg.cache_dir).expanduser()
     if cfg.dataset == "demo":
-        from asv.synth import generate_corpus
+        from asv.synth import CORPUS_VERSION, generate_corpus
 
         root = Path(cfg.dataset_root or "data/demo_corpus")
         corpus_marker = root / "corpus.json"
@@ -220,7 +229,8 @@ def main(argv: list[str] | None = None) -> Path:
             utts_per_video=cfg.demo_utts_per_video,
             num_trials=cfg.demo_trials,
         )
-        if cfg.force or not corpus_marker.is_file() or json.loads(corpus_marker.read_text())["args"] != corpus_args:
+        marker_args = {**corpus_args, "version": CORPUS_VERSION}
+        if cfg.force or not corpus_marker.is_file() or json.loads(corpus_marker.read_text())["args"] != marker_args:
             if root.exists() and any(root.iterdir()):
                 if not corpus_marker.is_file():  # never delete what we did not generate
                     die(f"{root} is not empty and holds no corpus.json: pass another --dataset_root for the demo")
@@ -229,7 +239,7 @@ def main(argv: list[str] | None = None) -> Path:
                 corpus_marker.unlink()
             print(f"generating the demo corpus in {root} ...")
             info = generate_corpus(root, **corpus_args)
-            corpus_marker.write_text(json.dumps({"args": corpus_args, "summary": info}, indent=1))
+            corpus_marker.write_text(json.dumps({"args": marker_args, "summary": info}, indent=1))
         demo_trials = root / "demo_test.txt"  # the trial list's name is its stem: trials/demo_test.csv
         demo_trials.write_text((root / "trials.txt").read_text())
         train, trials = voxceleb_layout(root, [Path(t) for t in cfg.trials or [demo_trials]])
@@ -271,7 +281,7 @@ def main(argv: list[str] | None = None) -> Path:
             results = list(pool.map(probe, paths, [cfg.gain_db] * len(paths), chunksize=64))
     else:
         results = [probe(p, cfg.gain_db) for p in paths]
-    utterances = [Utterance(i, p, s, n) for (i, p, s), (n, _) in zip(train, results)]
+    utterances = [Utterance(i, p, s, n) for (i, p, s), (n, _) in zip(train, results, strict=True)]
     speakers = speaker_map(utterances)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -280,7 +290,7 @@ def main(argv: list[str] | None = None) -> Path:
     vad = {
         "gain_db": cfg.gain_db,
         "vad": VAD_DESCRIPTION,
-        "intervals": {u.id: iv for u, (_, iv) in zip(utterances, results)},
+        "intervals": {u.id: iv for u, (_, iv) in zip(utterances, results, strict=True)},
     }
     (out / "vad.json").write_text(json.dumps(vad))
     for old in (out / "trials").glob("*.csv") if (out / "trials").is_dir() else []:
@@ -298,7 +308,9 @@ def main(argv: list[str] | None = None) -> Path:
         "trials": {name: len(rows) for name, rows in trials.items()},
         "seconds": round(time.time() - t0, 1),
     }
-    done_marker.write_text(json.dumps({"config": asdict(cfg), "summary": summary}, indent=1))
+    done_marker.write_text(
+        json.dumps({"config": asdict(cfg), "corpus_version": corpus_version(cfg), "summary": summary}, indent=1)
+    )
     print_summary(summary)
     return out
 

@@ -217,7 +217,8 @@ def train(cfg: TrainConfig) -> Path:
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     effective = cfg.data.batch_size * accelerator.num_processes * cfg.optim.gradient_accumulate
     accelerator.print(
-        f"training {cfg.model.upstream} -> {cfg.model.downstream} + {cfg.loss.loss} on {stats['utterances']} utterances "
+        f"training {cfg.model.upstream} -> {cfg.model.downstream} + {cfg.loss.loss} "
+        f"on {stats['utterances']} utterances "
         f"({stats['dropped_short']} dropped as <= {cfg.data.min_secs}s after VAD), {stats['classes']} speakers; "
         f"{num_trainable / 1e6:.2f} M trainable parameters\n"
         f"effective batch {effective} = {cfg.data.batch_size} per device x {accelerator.num_processes} processes x "

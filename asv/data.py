@@ -172,7 +172,7 @@ class TrainDataset(Dataset):
 
 
 def collate_train(batch):
-    wavs, labels = zip(*batch)
+    wavs, labels = zip(*batch, strict=True)
     lens = torch.tensor([len(w) for w in wavs])
     return torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lens, torch.tensor(labels)
 
@@ -233,7 +233,7 @@ class EvalDataset(Dataset):
 
 
 def collate_eval(batch):
-    idx, wavs = zip(*batch)
+    idx, wavs = zip(*batch, strict=True)
     lens = torch.tensor([len(w) for w in wavs])
     return torch.tensor(idx), torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lens
 

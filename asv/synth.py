@@ -24,6 +24,8 @@ import soundfile as sf
 from scipy import signal
 
 SAMPLE_RATE = 16000
+# Bump when the generator changes what a seed produces, so prepare.py regenerates a stale corpus.
+CORPUS_VERSION = 2
 
 # F1-F4 (Hz) of six vowels for an adult male vocal tract (Peterson & Barney-like averages).
 VOWEL_FORMANTS = np.array(
@@ -64,8 +66,8 @@ def draw_voice(rng: np.random.Generator) -> Voice:
     female = rng.random() < 0.5
     # Vocal-tract length and pitch are correlated with sex but overlap across speakers.
     return Voice(
-        f0_hz=float(np.exp(rng.normal(np.log(205.0 if female else 118.0), 0.25))),
-        f0_range_st=float(rng.uniform(0.5, 2.5)),
+        f0_hz=float(np.exp(rng.normal(np.log(205.0 if female else 118.0), 0.4))),
+        f0_range_st=float(rng.uniform(0.3, 1.5)),
         jitter=float(rng.uniform(0.003, 0.025)),
         shimmer=float(rng.uniform(0.02, 0.12)),
         breathiness=float(np.exp(rng.uniform(np.log(0.02), np.log(0.4)))),
