@@ -272,6 +272,17 @@ def test_wandb_offline_run_is_written(tmp_path, data_dir):
             "--wandb_mode",
             "offline",
         ],
-        env={"WANDB_MODE": ""},
+        env={"WANDB_MODE": "offline"},
     )
     assert list((exp / "wandb").glob("offline-run-*"))
+
+
+def test_scheduler_runs_and_old_checkpoints_are_pruned(tmp_path, data_dir):
+    exp = tmp_path / "sched"
+    args = ["train.py", *TRAIN, "--data_dir", str(data_dir), "--exp_dir", str(exp), "--total_steps", "3"]
+    args += ["--save_step", "1", "--keep_num_ckpts", "2", "--lr", "1e-3"]
+    run([*args, "--scheduler", "StepLR", "--scheduler_kwargs", "{step_size: 1, gamma: 0.5}"])
+    lrs = [json.loads(line)["train/lr"] for line in (exp / "train_log.jsonl").read_text().splitlines()]
+    # Stepped once per optimizer update (s3prl's scheduler block never runs).
+    assert lrs == pytest.approx([5e-4, 2.5e-4, 1.25e-4])
+    assert sorted(p.name for p in exp.glob("step-*")) == ["step-2", "step-3"]
