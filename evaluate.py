@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from asv.config import load_train_config, parse
-from asv.data import EvalDataset, collate_eval, read_trials_csv, trial_sets, unique_utterances
+from asv.data import EvalDataset, collate_eval, length_buckets, read_trials_csv, trial_sets, unique_utterances
 from asv.metrics import compute_eer, compute_min_dcf
 from asv.models import build_speaker_model
 from asv.upstream import WEIGHT_FREE, UpstreamError, build_upstream, upstream_forward
@@ -47,6 +49,9 @@ class EvalConfig:
     trial_names: list[str] | None = None
     # Apply the training gain + VAD to test audio (default: as the checkpoint was trained, i.e. raw unless set).
     test_effects: bool | None = None
+    # Batch budget in padded samples (items x longest): utterances are length-sorted into batches of at
+    # most this much audio (400,000 = 25 s at 16 kHz; raise it on GPUs). Masks keep embeddings independent of batching.
+    eval_max_frames: int = 400_000
     # DataLoader worker processes.
     num_workers: int = 2
     # Where results go (default: <exp_dir>/evaluate).
@@ -116,15 +121,27 @@ class Embedder:
         return self.model.embed(hidden, hidden_len)
 
 
-def embed_all(embedder: Embedder, dataset: EvalDataset, accelerator: Accelerator, num_workers: int) -> np.ndarray:
-    """(N, E) embeddings in dataset order. One whole utterance per forward, as SuperbASV."""
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=1, collate_fn=collate_eval, num_workers=num_workers))
+def embed_all(
+    embedder: Embedder, dataset: EvalDataset, accelerator: Accelerator, max_frames: int, num_workers: int
+) -> np.ndarray:
+    """(N, E) embeddings in dataset order, each whole utterance once, in length-sorted batches.
+
+    Batches are dealt to processes with Accelerate's split_between_processes (no padding, so no
+    duplicates) and the results gathered as objects on every rank.
+    """
+    lengths = [sf.info(path).frames for _, path in dataset.items]
+    batches = length_buckets(lengths, max_frames)
+    # A fixed shuffle of whole batches balances the work when they are split into contiguous chunks.
+    batches = [batches[i] for i in np.random.default_rng(0).permutation(len(batches))]
     out = np.zeros((len(dataset), embedder.model.downstream.output_size), dtype=np.float32)
-    for idx, wav, wav_len in loader:
-        emb = embedder(wav, wav_len)
-        # gather_for_metrics drops the duplicates that even sharding pads the last batch with.
-        idx, emb = accelerator.gather_for_metrics((idx, emb))
-        out[idx.cpu().numpy()] = emb.float().cpu().numpy()
+    mine = []
+    with accelerator.split_between_processes(batches) as my_batches:
+        loader = DataLoader(dataset, batch_sampler=my_batches, collate_fn=collate_eval, num_workers=num_workers)
+        for idx, wav, wav_len in loader:
+            emb = embedder(wav.to(accelerator.device), wav_len.to(accelerator.device))
+            mine.append((idx.numpy(), emb.float().cpu().numpy()))
+    for idx, emb in gather_object(mine):
+        out[idx] = emb
     return out
 
 
@@ -180,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     for step, ckpt in ckpts:
         embedder = Embedder(ckpt, accelerator.device, upstream_cache)
         effects = embedder.cfg.data.test_effects if cfg.test_effects is None else cfg.test_effects
-        emb = embed_all(embedder, EvalDataset(utts, effects=effects), accelerator, cfg.num_workers)
+        emb = embed_all(embedder, EvalDataset(utts, effects=effects), accelerator, cfg.eval_max_frames, cfg.num_workers)
         if not accelerator.is_main_process:
             continue
         for n in names:

@@ -238,6 +238,21 @@ def collate_eval(batch):
     return torch.tensor(idx), torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lens
 
 
+def length_buckets(lengths: list[int], max_frames: int) -> list[list[int]]:
+    """Indices sorted by length, cut into batches whose padded size (items x longest) stays within
+    max_frames samples; an utterance longer than the budget gets a batch of its own."""
+    batches, current = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        # Ascending order: the item being added is the batch's longest.
+        if current and (len(current) + 1) * lengths[i] > max_frames:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def unique_utterances(trials: list[Trial]) -> list[tuple[str, str]]:
     """Sorted unique (id, wav_path) over both trial columns: each is embedded exactly once."""
     seen = {}
