@@ -158,7 +158,12 @@ def sox_silence(
     intervals = speech_intervals(
         wav, sr, above_periods, above_duration, above_threshold, below_periods, below_duration, below_threshold
     )
-    if not intervals:
+    return keep_intervals(wav, intervals)
+
+
+def keep_intervals(wav: np.ndarray, intervals) -> np.ndarray:
+    """The samples of `wav` inside the (start, end) intervals, concatenated (empty if there are none)."""
+    if not len(intervals):
         return wav[:0].copy()
     return np.concatenate([wav[s:e] for s, e in intervals])
 

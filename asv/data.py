@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from asv.audio import SAMPLE_RATE, apply_gain, load_audio, random_crop, speech_intervals
+from asv.audio import SAMPLE_RATE, apply_gain, keep_intervals, load_audio, random_crop, sox_silence, speech_intervals
 
 TRAIN_FIELDS = ["id", "wav_path", "spk", "num_samples"]
 TRIAL_FIELDS = ["id1", "id2", "wav_path1", "wav_path2", "label"]
@@ -166,7 +166,7 @@ class TrainDataset(Dataset):
         epoch, i = key
         utt = self.utterances[i]
         wav = apply_gain(load_audio(utt.wav_path), self.gain_db)
-        wav = np.concatenate([wav[s:e] for s, e in self.intervals[utt.id]])
+        wav = keep_intervals(wav, self.intervals[utt.id])
         wav = random_crop(wav, self.max_samples, np.random.default_rng([self.seed, epoch, i]))
         return torch.from_numpy(np.ascontiguousarray(wav)), self.speakers[utt.spk]
 
@@ -225,10 +225,10 @@ class EvalDataset(Dataset):
         wav = load_audio(path)
         if self.effects:
             wav = apply_gain(wav, self.gain_db)
-            kept = speech_intervals(wav, SAMPLE_RATE)
+            kept = sox_silence(wav, SAMPLE_RATE)
             # An all-silent file would vanish; score it raw rather than fail.
-            if kept:
-                wav = np.concatenate([wav[s:e] for s, e in kept])
+            if len(kept):
+                wav = kept
         return i, torch.from_numpy(np.ascontiguousarray(wav))
 
 
