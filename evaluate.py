@@ -28,7 +28,7 @@ from asv.config import load_train_config, parse
 from asv.data import EvalDataset, collate_eval, length_buckets, read_trials_csv, trial_sets, unique_utterances
 from asv.metrics import compute_eer, compute_min_dcf
 from asv.models import build_speaker_model
-from asv.upstream import WEIGHT_FREE, UpstreamError, build_upstream, upstream_forward
+from asv.upstream import UpstreamError, build_upstream, upstream_forward
 
 P_TARGETS = (0.01, 0.05)
 
@@ -113,7 +113,6 @@ class Embedder:
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         self.model.to(device).eval()
-        self.autocast = m.upstream not in WEIGHT_FREE
 
     @torch.no_grad()
     def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
@@ -121,18 +120,21 @@ class Embedder:
         return self.model.embed(hidden, hidden_len)
 
 
+def length_sorted_batches(items: list[tuple[str, str]], max_frames: int) -> list[list[int]]:
+    """Length-sorted batches of at most max_frames padded samples, in a fixed shuffled order: contiguous
+    chunks of it (split_between_processes) then carry similar work. Raw lengths bound the VAD'd ones."""
+    batches = length_buckets([sf.info(path).frames for _, path in items], max_frames)
+    return [batches[i] for i in np.random.default_rng(0).permutation(len(batches))]
+
+
 def embed_all(
-    embedder: Embedder, dataset: EvalDataset, accelerator: Accelerator, max_frames: int, num_workers: int
+    embedder: Embedder, dataset: EvalDataset, batches: list[list[int]], accelerator: Accelerator, num_workers: int
 ) -> np.ndarray:
-    """(N, E) embeddings in dataset order, each whole utterance once, in length-sorted batches.
+    """(N, E) embeddings in dataset order, each whole utterance once, batch by batch.
 
     Batches are dealt to processes with Accelerate's split_between_processes (no padding, so no
     duplicates) and the results gathered as objects on every rank.
     """
-    lengths = [sf.info(path).frames for _, path in dataset.items]
-    batches = length_buckets(lengths, max_frames)
-    # A fixed shuffle of whole batches balances the work when they are split into contiguous chunks.
-    batches = [batches[i] for i in np.random.default_rng(0).permutation(len(batches))]
     out = np.zeros((len(dataset), embedder.model.downstream.output_size), dtype=np.float32)
     mine = []
     with accelerator.split_between_processes(batches) as my_batches:
@@ -192,12 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"evaluating {len(ckpts)} checkpoint(s) of {exp_dir} on {', '.join(names)}: "
         f"{sum(len(t) for t in trials.values())} trials, {len(utts)} unique utterances"
     )
+    batches = length_sorted_batches(utts, cfg.eval_max_frames)  # the same for every checkpoint
     upstream_cache: dict = {}
     results: dict[str, dict[int, dict]] = {n: {} for n in names}
     for step, ckpt in ckpts:
         embedder = Embedder(ckpt, accelerator.device, upstream_cache)
         effects = embedder.cfg.data.test_effects if cfg.test_effects is None else cfg.test_effects
-        emb = embed_all(embedder, EvalDataset(utts, effects=effects), accelerator, cfg.eval_max_frames, cfg.num_workers)
+        emb = embed_all(embedder, EvalDataset(utts, effects=effects), batches, accelerator, cfg.num_workers)
         if not accelerator.is_main_process:
             continue
         for n in names:
