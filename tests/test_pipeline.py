@@ -206,32 +206,9 @@ def test_two_processes_same_layout_and_scores(tmp_path, data_dir):
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (ckpt / "embedder.safetensors").is_file() and not list(exp.glob(".tmp-*"))
     # Sharded evaluation gathers every utterance exactly once: the same scores as one process.
-    launch_2proc(
-        [
-            "evaluate.py",
-            "--ckpt_dir",
-            str(ckpt),
-            "--wandb_mode",
-            "disabled",
-            "--num_workers",
-            "0",
-            "--out_dir",
-            str(tmp_path / "ev2"),
-        ]
-    )
-    run(
-        [
-            "evaluate.py",
-            "--ckpt_dir",
-            str(ckpt),
-            "--wandb_mode",
-            "disabled",
-            "--num_workers",
-            "0",
-            "--out_dir",
-            str(tmp_path / "ev1"),
-        ]
-    )
+    evaluate = ["evaluate.py", "--ckpt_dir", str(ckpt), "--wandb_mode", "disabled", "--num_workers", "0"]
+    launch_2proc([*evaluate, "--out_dir", str(tmp_path / "ev2")])
+    run([*evaluate, "--out_dir", str(tmp_path / "ev1")])
     s2 = np.loadtxt(tmp_path / "ev2" / "demo_test" / "step-2" / "scores.txt")
     s1 = np.loadtxt(tmp_path / "ev1" / "demo_test" / "step-2" / "scores.txt")
     np.testing.assert_allclose(s2, s1, atol=1e-5)
