@@ -23,11 +23,13 @@ from pathlib import Path
 
 import soundfile as sf
 
+from asv.audio import SAMPLE_RATE, BadAudioError, load_audio
 from asv.config import parse
 from asv.data import (
     TRAIN_FIELDS,
     TRIAL_FIELDS,
     VAD_DESCRIPTION,
+    ManifestError,
     Trial,
     Utterance,
     compute_vad,
@@ -92,6 +94,13 @@ def die(msg: str) -> None:
     raise SystemExit(f"error: {msg}")
 
 
+def read_trials_or_die(path: Path) -> list[tuple[int, str, str]]:
+    try:
+        return read_voxceleb_trials(path)
+    except (ManifestError, OSError) as err:
+        die(str(err))
+
+
 def walk_wavs(root: Path) -> set[str]:
     """Relative paths of every .wav under root, in one directory walk (not a glob per file)."""
     found = set()
@@ -126,8 +135,68 @@ def fetch_trial_list(name: str, dataset_root: Path, cache_dir: Path) -> Path:
     )
 
 
-def probe(path: str, gain_db: float) -> tuple[int, list[list[int]]]:
-    return sf.info(path).frames, compute_vad(path, gain_db)
+@dataclass
+class Probe:
+    """What prepare.py learns from decoding one file once."""
+
+    num_samples: int = 0  # at 16 kHz, after any resampling
+    intervals: list | None = None  # VAD intervals (training files only)
+    sample_rate: int = SAMPLE_RATE  # as stored
+    channels: int = 1
+    bad: str | None = None  # BadAudioError reason; the file is excluded
+    detail: str = ""
+
+
+def probe(path: str, gain_db: float, vad: bool = True) -> Probe:
+    """Decode `path` once: its length and VAD intervals, or why it is unusable. Never raises for a bad file,
+    so one corrupt utterance among 150,000 is reported instead of ending the pool."""
+    try:
+        wav = load_audio(path)
+        info = sf.info(path)
+    except BadAudioError as err:
+        return Probe(bad=err.reason, detail=str(err))
+    intervals = compute_vad(wav, gain_db) if vad else None
+    return Probe(len(wav), intervals, info.samplerate, info.channels)
+
+
+def probe_all(paths: list[str], gain_db: float, vad: bool, num_workers: int) -> list[Probe]:
+    if num_workers > 1 and len(paths) > 1:
+        with ProcessPoolExecutor(num_workers) as pool:
+            return list(pool.map(probe, paths, [gain_db] * len(paths), [vad] * len(paths), chunksize=64))
+    return [probe(p, gain_db, vad) for p in paths]
+
+
+def audio_report(probes: dict[str, Probe]) -> tuple[list[str], dict]:
+    """Summary lines and counts for the probed files: bad ones by reason (first few named), resampled, downmixed."""
+    bad = {p: r for p, r in probes.items() if r.bad}
+    by_reason: dict[str, list[str]] = {}
+    for path, r in sorted(bad.items()):
+        by_reason.setdefault(r.bad, []).append(path)
+    lines = []
+    if bad:
+        lines.append(f"warning: {len(bad)} unusable audio files, excluded (all listed in bad_files.txt):")
+        for reason, paths in sorted(by_reason.items()):
+            lines.append(f"  {len(paths)} {reason}: " + ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else ""))
+    rates: dict[int, int] = {}
+    for r in probes.values():
+        if not r.bad and r.sample_rate != SAMPLE_RATE:
+            rates[r.sample_rate] = rates.get(r.sample_rate, 0) + 1
+    if rates:
+        lines.append(
+            f"warning: {sum(rates.values())} files are not {SAMPLE_RATE} Hz ("
+            + ", ".join(f"{n} at {sr} Hz" for sr, n in sorted(rates.items()))
+            + "): they are resampled on every load; resample them once offline to save time"
+        )
+    downmixed = sum(1 for r in probes.values() if not r.bad and r.channels > 1)
+    if downmixed:
+        lines.append(f"note: {downmixed} multi-channel files are downmixed to mono (channel mean) on load")
+    counts = {
+        "bad_files": len(bad),
+        "bad_by_reason": {k: len(v) for k, v in sorted(by_reason.items())},
+        "resampled_files": sum(rates.values()),
+        "downmixed_files": downmixed,
+    }
+    return lines, counts
 
 
 def voxceleb_layout(root: Path, trial_files: list[Path]) -> tuple[list[tuple[str, str, str]], dict[str, list[Trial]]]:
@@ -140,7 +209,7 @@ def voxceleb_layout(root: Path, trial_files: list[Path]) -> tuple[list[tuple[str
     trials, trial_speakers = {}, set()
     for path in trial_files:
         rows, missing = [], []
-        for label, a, b in read_voxceleb_trials(path):
+        for label, a, b in read_trials_or_die(path):
             resolved = []
             for utt in (a, b):
                 base = test if utt in test_files else dev if utt in dev_files else None
@@ -179,7 +248,7 @@ def manifest_layout(train_csv: Path, trial_files: list[Path], root: Path | None)
     for path in trial_files:
         base = root or Path(path).parent
         rows, missing = [], []
-        for label, a, b in read_voxceleb_trials(path):
+        for label, a, b in read_trials_or_die(path):
             pa, pb = (str(Path(u) if Path(u).is_absolute() else base / u) for u in (a, b))
             missing += [p for p in (pa, pb) if not Path(p).is_file()]
             rows.append(Trial(a, b, pa, pb, label))
@@ -273,24 +342,43 @@ def main(argv: list[str] | None = None) -> Path:
         if expected and len(rows) != expected:
             print(f"warning: {name} has {len(rows)} trials, the official list has {expected}")
 
-    # Lengths and VAD intervals in one decode per file, cached per corpus in vad.json.
+    # Lengths and VAD intervals in one decode per file, cached per corpus in vad.json. Trial files are
+    # decoded too, so every bad file is reported here and not hours into training or evaluation.
     print(f"reading {len(train)} training files and running the VAD ({cfg.num_workers} processes) ...")
-    paths = [p for _, p, _ in train]
-    if cfg.num_workers > 1:
-        with ProcessPoolExecutor(cfg.num_workers) as pool:
-            results = list(pool.map(probe, paths, [cfg.gain_db] * len(paths), chunksize=64))
-    else:
-        results = [probe(p, cfg.gain_db) for p in paths]
-    utterances = [Utterance(i, p, s, n) for (i, p, s), (n, _) in zip(train, results, strict=True)]
-    speakers = speaker_map(utterances)
-
+    train_probes = probe_all([p for _, p, _ in train], cfg.gain_db, True, cfg.num_workers)
+    train_paths = {p for _, p, _ in train}
+    trial_paths = sorted(
+        {p for rows in trials.values() for t in rows for p in (t.wav_path1, t.wav_path2)} - train_paths
+    )
+    print(f"checking {len(trial_paths)} trial files ...")
+    probes = dict(zip(trial_paths, probe_all(trial_paths, cfg.gain_db, False, cfg.num_workers), strict=True))
+    probes.update((p, r) for (_, p, _), r in zip(train, train_probes, strict=True))
+    report, audio_counts = audio_report(probes)
     out.mkdir(parents=True, exist_ok=True)
+    # path<TAB>reason<TAB>detail, one line per unusable file (empty when all are fine).
+    bad_lines = [f"{p}\t{r.bad}\t{r.detail}" for p, r in sorted(probes.items()) if r.bad]
+    (out / "bad_files.txt").write_text("".join(line + "\n" for line in bad_lines))
+    kept = [(u, r) for u, r in zip(train, train_probes, strict=True) if not r.bad]
+    utterances = [Utterance(i, p, s, r.num_samples) for (i, p, s), r in kept]
+    if not utterances:
+        die(f"all {len(train)} training files are unusable (first: {train_probes[0].detail}); see {out}/bad_files.txt")
+    speakers = speaker_map(utterances)
+    # A trial with an unusable side cannot be scored: it is dropped and counted (the summary and
+    # results.json show the reduced count) rather than failing the whole list.
+    dropped_trials = {}
+    for name, rows in trials.items():
+        good = [t for t in rows if not probes[t.wav_path1].bad and not probes[t.wav_path2].bad]
+        dropped_trials[name] = len(rows) - len(good)
+        trials[name] = good
+        if not good:
+            die(f"every trial of {name} uses an unusable file; see {out}/bad_files.txt")
+
     write_csv(out / "train.csv", TRAIN_FIELDS, utterances)
     (out / "speakers.json").write_text(json.dumps(speakers, indent=0))
     vad = {
         "gain_db": cfg.gain_db,
         "vad": VAD_DESCRIPTION,
-        "intervals": {u.id: iv for u, (_, iv) in zip(utterances, results, strict=True)},
+        "intervals": {u.id: r.intervals for u, (_, r) in zip(utterances, kept, strict=True)},
     }
     (out / "vad.json").write_text(json.dumps(vad))
     for old in (out / "trials").glob("*.csv") if (out / "trials").is_dir() else []:
@@ -304,8 +392,11 @@ def main(argv: list[str] | None = None) -> Path:
         "utterances": len(utterances),
         "speakers": len(speakers),
         "hours": round(sum(u.num_samples for u in utterances) / 16000 / 3600, 3),
-        "hours_after_vad": round(sum(e - s for _, iv in results for s, e in iv) / 16000 / 3600, 3),
+        "hours_after_vad": round(sum(e - s for _, r in kept for s, e in r.intervals) / 16000 / 3600, 3),
         "trials": {name: len(rows) for name, rows in trials.items()},
+        "dropped_trials": dropped_trials,
+        "audio": audio_counts,
+        "audio_report": report,
         "seconds": round(time.time() - t0, 1),
     }
     done_marker.write_text(
@@ -316,7 +407,13 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def print_summary(s: dict) -> None:
-    trials = ", ".join(f"{k}: {v}" for k, v in s["trials"].items())
+    for line in s.get("audio_report", []):
+        print(line)
+    trials = ", ".join(
+        f"{k}: {v}"
+        + (f" ({s['dropped_trials'][k]} dropped: unusable audio)" if s.get("dropped_trials", {}).get(k) else "")
+        for k, v in s["trials"].items()
+    )
     print(
         f"{s['out_dir']}: {s['utterances']} training utterances, {s['speakers']} speakers, "
         f"{s['hours']} h ({s['hours_after_vad']} h after VAD); trials: {trials}"

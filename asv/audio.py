@@ -1,4 +1,4 @@
-"""Audio helpers for training data loading: 16 kHz mono I/O, gain, sox's `silence` VAD, random crop.
+"""Audio helpers: 16 kHz mono I/O that rejects bad files, gain, sox's `silence` VAD, random crop.
 
 SUPERB's train-time pipeline (spec §1.5) runs the sox effects
 `gain -3.0` and `silence 1 0.1 0.1% -1 0.1 0.1%` on every training utterance. torchaudio >= 2.9 no
@@ -7,6 +7,8 @@ longer ships sox effects, so the `silence` effect is re-implemented here from so
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +21,69 @@ _SOX_SCALE = 2.0**31
 _SOX_SAMPLE_MAX = 2**31 - 1
 
 
+class BadAudioError(ValueError):
+    """A file that cannot give usable audio; `reason` is a short class (prepare.py counts by it)."""
+
+    def __init__(self, path, reason: str, detail: str = ""):
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+# libsndfile's own header check: it logs "data : <declared> (should be <present>)" for a cut-off file.
+_DATA_LEN = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+_resample_warned = False
+
+
 def load_audio(path: str | Path) -> np.ndarray:
-    """Read a 16 kHz file as float32 mono in [-1, 1], downmixing multi-channel audio by the mean."""
-    wav, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C)
+    """Read a file as float32 mono 16 kHz in [-1, 1]; raise BadAudioError for audio we must not train on.
+
+    Multi-channel audio is downmixed by the mean; other sample rates are resampled (torchaudio's
+    sinc resampler), with a warning the first time in each process (prepare.py counts them all).
+    Any container libsndfile decodes (WAV, FLAC, OGG, MP3) is accepted; AAC/m4a is not.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadAudioError(path, "missing")
+    if path.stat().st_size == 0:
+        raise BadAudioError(path, "empty file")
+    try:
+        with sf.SoundFile(str(path)) as f:
+            log, sr = f.extra_info, f.samplerate
+            wav = f.read(dtype="float32", always_2d=True)  # (T, C)
+    except (sf.LibsndfileError, RuntimeError, EOFError) as err:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        msg = str(err).split(": ", 1)[-1]
+        if magic in (b"RIFF", b"RIFX", b"RF64"):
+            raise BadAudioError(path, "corrupt or truncated WAV header", msg) from None
+        raise BadAudioError(path, "unsupported or unrecognised container", msg) from None
+    cut = _DATA_LEN.search(log)
+    if cut and int(cut.group(2)) < int(cut.group(1)):
+        raise BadAudioError(path, "truncated", f"header declares {cut.group(1)} data bytes, file holds {cut.group(2)}")
+    if wav.shape[0] == 0:
+        raise BadAudioError(path, "no samples")
+    if not np.isfinite(wav).all():
+        raise BadAudioError(path, "NaN or inf samples")
+    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
     if sr != SAMPLE_RATE:
-        raise ValueError(f"{path}: sample rate {sr} Hz, expected {SAMPLE_RATE} Hz (resample it first)")
-    return wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+        global _resample_warned
+        if not _resample_warned:
+            _resample_warned = True
+            print(
+                f"warning: {path} is {sr} Hz: resampling to {SAMPLE_RATE} Hz on load "
+                "(said once per process; prepare.py's summary counts such files)",
+                file=sys.stderr,
+            )
+        wav = resample(wav, sr)
+    return wav
+
+
+def resample(wav: np.ndarray, sr: int) -> np.ndarray:
+    """`wav` at `sr` Hz -> SAMPLE_RATE, with torchaudio's band-limited sinc interpolation."""
+    import torch
+    import torchaudio.functional as AF
+
+    return AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), sr, SAMPLE_RATE).numpy()
 
 
 def apply_gain(wav: np.ndarray, db: float) -> np.ndarray:

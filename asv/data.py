@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,23 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from asv.audio import SAMPLE_RATE, apply_gain, keep_intervals, load_audio, random_crop, sox_silence, speech_intervals
+from asv.audio import (
+    SAMPLE_RATE,
+    BadAudioError,
+    apply_gain,
+    keep_intervals,
+    load_audio,
+    random_crop,
+    sox_silence,
+    speech_intervals,
+)
 
 TRAIN_FIELDS = ["id", "wav_path", "spk", "num_samples"]
 TRIAL_FIELDS = ["id1", "id2", "wav_path1", "wav_path2", "label"]
 # The sox command line SUPERB applies; recorded next to the cached intervals.
 VAD_DESCRIPTION = "sox silence 1 0.1 0.1% -1 0.1 0.1%"
+# Consecutive unreadable training files tolerated before concluding the data itself is gone.
+MAX_SUBSTITUTES = 100
 
 
 @dataclass
@@ -60,51 +73,107 @@ def write_csv(path: Path, fields: list[str], rows: list) -> None:
     tmp.replace(path)  # never leave a half-written manifest behind
 
 
-def _read_csv(path: Path, fields: list[str]) -> list[dict]:
+class ManifestError(ValueError):
+    """A malformed manifest or trial list; the message names the file and line. Scripts print it as one line."""
+
+
+def _read_csv(path: Path, fields: list[str]) -> list[tuple[int, dict]]:
+    """(line number, row) pairs; every value a string (ids like '00012' keep their zeros: s3prl#481)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run prepare.py first (or pass the right --data_dir)")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = set(fields) - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected {','.join(fields)}")
-        return list(reader)
+            raise ManifestError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected {','.join(fields)}")
+        rows = []
+        for r in reader:
+            line = reader.line_num
+            # DictReader files extra cells under None and fills missing ones with None.
+            if None in r or any(r[k] is None for k in fields):
+                raise ManifestError(f"{path}:{line}: expected {len(reader.fieldnames)} comma-separated fields")
+            empty = [k for k in fields if not r[k].strip()]
+            if empty:
+                raise ManifestError(f"{path}:{line}: empty {empty[0]}")
+            rows.append((line, r))
+        return rows
 
 
 def read_train_csv(path: Path) -> list[Utterance]:
-    rows = _read_csv(path, TRAIN_FIELDS)
-    return [Utterance(r["id"], r["wav_path"], r["spk"], int(r["num_samples"])) for r in rows]
+    utterances, first_line = [], {}
+    for line, r in _read_csv(path, TRAIN_FIELDS):
+        if r["id"] in first_line:
+            raise ManifestError(f"{path}:{line}: duplicate id {r['id']!r} (first at line {first_line[r['id']]})")
+        first_line[r["id"]] = line
+        if not r["num_samples"].isdigit():
+            raise ManifestError(f"{path}:{line}: num_samples must be a non-negative integer, got {r['num_samples']!r}")
+        utterances.append(Utterance(r["id"], r["wav_path"], r["spk"], int(r["num_samples"])))
+    return utterances
+
+
+def dedup_trials(path: Path, rows: list[tuple[int, Trial]]) -> tuple[list[Trial], int]:
+    """Drop repeated pairs (in either order) with the same label and count them; a pair listed with both
+    labels is an error. An utterance id must always name the same file."""
+    seen: dict[tuple[str, str], tuple[int, int]] = {}
+    paths: dict[str, tuple[str, int]] = {}
+    kept, duplicates = [], 0
+    for line, t in rows:
+        for utt, wav in ((t.id1, t.wav_path1), (t.id2, t.wav_path2)):
+            prev = paths.setdefault(utt, (wav, line))
+            if prev[0] != wav:
+                raise ManifestError(f"{path}:{line}: id {utt!r} is {wav}, but {prev[0]} at line {prev[1]}")
+        key = (min(t.id1, t.id2), max(t.id1, t.id2))
+        if key in seen:
+            first, label = seen[key]
+            if label != t.label:
+                raise ManifestError(f"{path}:{line}: pair listed with label {t.label} here and {label} at line {first}")
+            duplicates += 1
+            continue
+        seen[key] = (line, t.label)
+        kept.append(t)
+    return kept, duplicates
+
+
+def _warn_duplicates(path: Path, duplicates: int) -> None:
+    if duplicates:
+        print(f"warning: {path}: dropped {duplicates} duplicate trial(s) (same pair and label listed again)")
 
 
 def read_trials_csv(path: Path) -> list[Trial]:
-    trials = []
-    for line, r in enumerate(_read_csv(path, TRIAL_FIELDS), start=2):
+    rows = []
+    for line, r in _read_csv(path, TRIAL_FIELDS):
         if r["label"] not in ("0", "1"):
-            raise ValueError(f"{path}:{line}: label must be 0 or 1, got {r['label']!r}")
-        trials.append(Trial(r["id1"], r["id2"], r["wav_path1"], r["wav_path2"], int(r["label"])))
+            raise ManifestError(f"{path}:{line}: label must be 0 or 1, got {r['label']!r}")
+        rows.append((line, Trial(r["id1"], r["id2"], r["wav_path1"], r["wav_path2"], int(r["label"]))))
+    trials, duplicates = dedup_trials(path, rows)
+    _warn_duplicates(path, duplicates)
     return trials
 
 
 def read_voxceleb_trials(path: Path) -> list[tuple[int, str, str]]:
-    """Parse a VoxCeleb trial list: '<1|0> <spk/video/utt.wav> <spk/video/utt.wav>' per line."""
-    trials = []
+    """Parse a VoxCeleb trial list: '<1|0> <spk/video/utt.wav> <spk/video/utt.wav>' per line.
+    Ids stay strings; repeated pairs are dropped with a warning (dedup_trials)."""
+    rows = []
     for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 3 or parts[0] not in ("0", "1"):
-            raise ValueError(f"{path}:{n}: expected '<1|0> <utt1> <utt2>', got {line.strip()[:80]!r}")
-        trials.append((int(parts[0]), parts[1], parts[2]))
-    return trials
+            raise ManifestError(f"{path}:{n}: expected '<1|0> <utt1> <utt2>', got {line.strip()[:80]!r}")
+        rows.append((n, Trial(parts[1], parts[2], parts[1], parts[2], int(parts[0]))))
+    trials, duplicates = dedup_trials(path, rows)
+    _warn_duplicates(path, duplicates)
+    return [(t.label, t.id1, t.id2) for t in trials]
 
 
 def speaker_map(utterances: list[Utterance]) -> dict[str, int]:
     return {spk: i for i, spk in enumerate(sorted({u.spk for u in utterances}))}
 
 
-def compute_vad(wav_path: str, gain_db: float) -> list[list[int]]:
-    """Intervals the SUPERB VAD keeps for one file, on the gained signal (gain changes what is 'silence')."""
-    wav = apply_gain(load_audio(wav_path), gain_db)
+def compute_vad(wav: np.ndarray | str, gain_db: float) -> list[list[int]]:
+    """Intervals the SUPERB VAD keeps for one file (or its loaded samples), on the gained signal
+    (gain changes what is 'silence')."""
+    wav = apply_gain(load_audio(wav) if isinstance(wav, str | Path) else wav, gain_db)
     return [[int(s), int(e)] for s, e in speech_intervals(wav, SAMPLE_RATE)]
 
 
@@ -158,14 +227,35 @@ class TrainDataset(Dataset):
         self.utterances, self.speakers, self.intervals = utterances, speakers, intervals
         self.gain_db, self.seed = gain_db, seed
         self.max_samples = round(max_secs * SAMPLE_RATE)
+        # Loads that failed since this process started, shared with the DataLoader workers; train.py
+        # logs it as train/unreadable_files.
+        self.num_unreadable = multiprocessing.Value("q", 0)
 
     def __len__(self) -> int:
         return len(self.utterances)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
-        utt = self.utterances[i]
-        wav = apply_gain(load_audio(utt.wav_path), self.gain_db)
+        # A file that went bad after prepare.py (deleted, overwritten, disk error) must not end a
+        # days-long run: take the next utterance in the list instead. The substitute depends only on
+        # the index, so the batch is the same on every rerun and in every worker.
+        for k in range(MAX_SUBSTITUTES):
+            utt = self.utterances[(i + k) % len(self.utterances)]
+            try:
+                wav = load_audio(utt.wav_path)
+                break
+            except BadAudioError as err:
+                with self.num_unreadable.get_lock():
+                    self.num_unreadable.value += 1
+                print(
+                    f"warning: {err}; training on the next utterance instead (train/unreadable_files)", file=sys.stderr
+                )
+        else:
+            raise RuntimeError(
+                f"{MAX_SUBSTITUTES} training files in a row are unreadable (last: {utt.wav_path}): "
+                "is the data directory still mounted?"
+            )
+        wav = apply_gain(wav, self.gain_db)
         wav = keep_intervals(wav, self.intervals[utt.id])
         wav = random_crop(wav, self.max_samples, np.random.default_rng([self.seed, epoch, i]))
         return torch.from_numpy(np.ascontiguousarray(wav)), self.speakers[utt.spk]
@@ -194,6 +284,12 @@ def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int):
             f"{vad_path} lacks {len(missing)} utterances of train.csv (e.g. {missing[0]}): "
             "re-run prepare.py with --force"
         )
+    unknown = [u for u in utterances if u.spk not in speakers]
+    if unknown:
+        raise ManifestError(
+            f"{data_dir / 'train.csv'}: speaker {unknown[0].spk!r} of {unknown[0].id} is not in {speakers_path} "
+            "(files from different prepare.py runs?): re-run prepare.py with --force"
+        )
     # SUPERB drops an utterance when len/16000 <= min_secs after VAD (spec 1.5 step 4).
     kept = [u for u in utterances if sum(e - s for s, e in vad["intervals"][u.id]) / SAMPLE_RATE > min_secs]
     if not kept:
@@ -212,10 +308,17 @@ def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int):
 
 
 class EvalDataset(Dataset):
-    """Whole test utterances, by default raw as SuperbASV scores them; `effects` applies gain + VAD."""
+    """Whole test utterances, by default raw as SuperbASV scores them; `effects` applies gain + VAD.
 
-    def __init__(self, items: list[tuple[str, str]], effects: bool = False, gain_db: float = -3.0):
-        self.items, self.effects, self.gain_db = items, effects, gain_db
+    An utterance shorter than `min_samples` (what the x-vector needs for 15 upstream frames) is
+    wrap-padded, i.e. repeated until it is long enough, as voxceleb_trainer's loader pads: the
+    embedding then pools real speech frames, where zero-padding would pool silence.
+    """
+
+    def __init__(
+        self, items: list[tuple[str, str]], effects: bool = False, gain_db: float = -3.0, min_samples: int = 0
+    ):
+        self.items, self.effects, self.gain_db, self.min_samples = items, effects, gain_db, min_samples
 
     def __len__(self) -> int:
         return len(self.items)
@@ -229,6 +332,8 @@ class EvalDataset(Dataset):
             # An all-silent file would vanish; score it raw rather than fail.
             if len(kept):
                 wav = kept
+        if len(wav) < self.min_samples:
+            wav = np.pad(wav, (0, self.min_samples - len(wav)), mode="wrap")
         return i, torch.from_numpy(np.ascontiguousarray(wav))
 
 
