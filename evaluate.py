@@ -24,10 +24,20 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from asv.audio import BadAudioError
+from asv.checkpoint import CheckpointError, check_weights_match, read_train_state, verify_checkpoint
 from asv.config import load_train_config, parse
-from asv.data import EvalDataset, collate_eval, length_buckets, read_trials_csv, trial_sets, unique_utterances
+from asv.data import (
+    EvalDataset,
+    ManifestError,
+    collate_eval,
+    length_buckets,
+    read_trials_csv,
+    trial_sets,
+    unique_utterances,
+)
 from asv.metrics import compute_eer, compute_min_dcf
-from asv.models import build_speaker_model
+from asv.models import XVECTOR_LENGTH_REDUCTION, build_speaker_model
 from asv.upstream import UpstreamError, build_upstream, upstream_forward
 
 P_TARGETS = (0.01, 0.05)
@@ -67,13 +77,16 @@ def checkpoints_to_evaluate(cfg: EvalConfig) -> tuple[Path, list[tuple[int, Path
         raise SystemExit("error: pass exactly one of --ckpt_dir exp/<run>/step-<N> or --exp_dir exp/<run>")
     if cfg.ckpt_dir:
         ckpt = Path(cfg.ckpt_dir)
-        marker = ckpt / "train_state.json"
-        if not marker.is_file():
+        if not (ckpt / "train_state.json").is_file():
             raise SystemExit(
                 f"error: {ckpt} is not a checkpoint directory (no train_state.json); "
                 "pass a step-<N> directory written by train.py"
             )
-        return ckpt.parent, [(json.loads(marker.read_text())["step"], ckpt)]
+        try:
+            verify_checkpoint(ckpt, for_resume=False)
+        except CheckpointError as err:
+            raise SystemExit(f"error: {err}") from None
+        return ckpt.parent, [(read_train_state(ckpt)["step"], ckpt)]
     exp_dir = Path(cfg.exp_dir)
     ckpts = list_checkpoints(exp_dir)
     if not ckpts:
@@ -84,14 +97,24 @@ def checkpoints_to_evaluate(cfg: EvalConfig) -> tuple[Path, list[tuple[int, Path
         if missing:
             raise SystemExit(f"error: {exp_dir} has no checkpoint for step(s) {missing}; it has {sorted(have)}")
         ckpts = [(s, d) for s, d in ckpts if s in set(cfg.test_ckpt_steps)]
-    return exp_dir, ckpts
+    # A corrupt checkpoint among many is skipped with a warning, so the others still get scored.
+    usable = []
+    for step, ckpt in ckpts:
+        try:
+            verify_checkpoint(ckpt, for_resume=False)
+            usable.append((step, ckpt))
+        except CheckpointError as err:
+            print(f"warning: skipping checkpoint {ckpt.name}: {err}", file=sys.stderr)
+    if not usable:
+        raise SystemExit(f"error: none of the {len(ckpts)} checkpoints in {exp_dir} is usable (warnings above)")
+    return exp_dir, usable
 
 
 class Embedder:
     """Upstream + trained featurizer/downstream of one checkpoint, in eval mode."""
 
     def __init__(self, ckpt: Path, device, upstream_cache: dict):
-        self.cfg = load_train_config(ckpt / "config.yaml")
+        self.cfg = load_config_or_die(ckpt)
         m = self.cfg.model
         key = (m.upstream, m.upstream_ckpt, m.upstream_normalize)
         if key not in upstream_cache or m.upstream_trainable:  # frozen upstreams are shared across checkpoints
@@ -102,17 +125,25 @@ class Embedder:
                 raise SystemExit(f"error: {err}") from None
         self.upstream = upstream_cache[key]
         self.model = build_speaker_model(m, self.cfg.loss, self.upstream, num_classes=1)
-        state = load_file(ckpt / "embedder.safetensors")
+        expected = self.model.embedder_state_dict()
         if m.upstream_trainable:  # fine-tuned upstream weights travel in the embedder file
+            expected.update({f"upstream.{k}": v for k, v in self.upstream.state_dict().items()})
+        try:  # names and shapes first: a checkpoint of another upstream or head fails with one line
+            check_weights_match(
+                ckpt / "embedder.safetensors", expected, f"the model its config.yaml describes ({m.upstream})"
+            )
+        except CheckpointError as err:
+            raise SystemExit(f"error: {err}") from None
+        state = load_file(ckpt / "embedder.safetensors")
+        if m.upstream_trainable:
             self.upstream.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("upstream.")})
             state = {k: v for k, v in state.items() if not k.startswith("upstream.")}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith("head.") for k in missing):
-            raise SystemExit(
-                f"error: {ckpt}/embedder.safetensors does not match its config.yaml "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        self.model.load_state_dict(state, strict=False)  # strict but for the head, which evaluation drops
         self.model.to(device).eval()
+        # The x-vector needs XVECTOR_LENGTH_REDUCTION + 1 upstream frames; shorter test audio is
+        # wrap-padded up to this many samples (EvalDataset).
+        stride = max(self.upstream.downsample_rates)
+        self.min_samples = XVECTOR_LENGTH_REDUCTION * stride + 1
 
     @torch.no_grad()
     def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
@@ -120,10 +151,25 @@ class Embedder:
         return self.model.embed(hidden, hidden_len)
 
 
+def load_config_or_die(ckpt: Path):
+    try:
+        return load_train_config(ckpt / "config.yaml")
+    except (OSError, TypeError, ValueError, AttributeError) as err:
+        raise SystemExit(f"error: {ckpt / 'config.yaml'} is not a train.py config ({err})") from None
+
+
 def length_sorted_batches(items: list[tuple[str, str]], max_frames: int) -> list[list[int]]:
     """Length-sorted batches of at most max_frames padded samples, in a fixed shuffled order: contiguous
     chunks of it (split_between_processes) then carry similar work. Raw lengths bound the VAD'd ones."""
-    batches = length_buckets([sf.info(path).frames for _, path in items], max_frames)
+    lengths = []
+    for _, path in items:
+        try:
+            lengths.append(sf.info(path).frames)
+        except (sf.LibsndfileError, RuntimeError, OSError) as err:
+            raise SystemExit(
+                f"error: trial file {path} is unreadable ({err}); re-run prepare.py, which drops trials of bad files"
+            ) from None
+    batches = length_buckets(lengths, max_frames)
     return [batches[i] for i in np.random.default_rng(0).permutation(len(batches))]
 
 
@@ -167,7 +213,7 @@ def metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse(EvalConfig, argv)
     exp_dir, ckpts = checkpoints_to_evaluate(cfg)
-    first_cfg = load_train_config(ckpts[0][1] / "config.yaml")
+    first_cfg = load_config_or_die(ckpts[0][1])
     data_dir = Path(cfg.data_dir or first_cfg.data.data_dir)
     lists = trial_sets(data_dir)
     if not lists:
@@ -176,7 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in lists]
     if unknown:
         raise SystemExit(f"error: no trial list {unknown[0]} in {data_dir}/trials (have: {', '.join(lists)})")
-    trials = {n: read_trials_csv(lists[n]) for n in names}
+    try:
+        trials = {n: read_trials_csv(lists[n]) for n in names}
+    except ManifestError as err:
+        raise SystemExit(f"error: {err}") from None
     utts = unique_utterances([t for n in names for t in trials[n]])
     index = {u: i for i, (u, _) in enumerate(utts)}
     out_root = Path(cfg.out_dir or exp_dir / "evaluate")
@@ -200,7 +249,12 @@ def main(argv: list[str] | None = None) -> dict:
     for step, ckpt in ckpts:
         embedder = Embedder(ckpt, accelerator.device, upstream_cache)
         effects = embedder.cfg.data.test_effects if cfg.test_effects is None else cfg.test_effects
-        emb = embed_all(embedder, EvalDataset(utts, effects=effects), batches, accelerator, cfg.num_workers)
+        dataset = EvalDataset(utts, effects=effects, min_samples=embedder.min_samples)
+        try:
+            emb = embed_all(embedder, dataset, batches, accelerator, cfg.num_workers)
+        except BadAudioError as err:  # a file that went bad after prepare.py (from a worker: last line)
+            msg = str(err).strip().splitlines()[-1].removeprefix("asv.audio.BadAudioError: ")
+            raise SystemExit(f"error: {msg}; re-run prepare.py, which drops trials of bad files") from None
         if not accelerator.is_main_process:
             continue
         for n in names:

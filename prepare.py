@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -161,7 +162,9 @@ def probe(path: str, gain_db: float, vad: bool = True) -> Probe:
 
 def probe_all(paths: list[str], gain_db: float, vad: bool, num_workers: int) -> list[Probe]:
     if num_workers > 1 and len(paths) > 1:
-        with ProcessPoolExecutor(num_workers) as pool:
+        # spawn, not fork: a forked child of a process whose torch/OpenMP threads already ran can deadlock
+        # in resample (seen when prepare.main runs inside a larger program, e.g. the tests).
+        with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             return list(pool.map(probe, paths, [gain_db] * len(paths), [vad] * len(paths), chunksize=64))
     return [probe(p, gain_db, vad) for p in paths]
 

@@ -25,9 +25,18 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from asv.checkpoint import (
+    CheckpointError,
+    check_weights_match,
+    newest_usable,
+    read_train_state,
+    remove_interrupted_saves,
+    verify_checkpoint,
+)
 from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
 from asv.data import EpochSampler, collate_train, load_train_set
 from asv.models import build_speaker_model
@@ -35,7 +44,7 @@ from asv.upstream import WEIGHT_FREE, UpstreamError, build_upstream, list_upstre
 
 
 class TrainState:
-    """Loop position, checkpointed with Accelerate's state (register_for_checkpointing)."""
+    """Loop position, checkpointed as train_state.json (JSON, so loading it runs no code)."""
 
     def __init__(self):
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -79,9 +88,11 @@ def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
     directory without it is an interrupted save and is ignored; the step is read from it, not the name."""
     found = []
     for d in Path(exp_dir).glob("step-*"):
-        marker = d / "train_state.json"
-        if marker.is_file():
-            found.append((json.loads(marker.read_text())["step"], d))
+        if (d / "train_state.json").is_file():
+            try:
+                found.append((read_train_state(d)["step"], d))
+            except CheckpointError as err:
+                print(f"warning: skipping checkpoint {d.name}: {err}", file=sys.stderr)
     return sorted(found)
 
 
@@ -94,23 +105,46 @@ def save_checkpoint(accelerator, model, upstream, cfg: TrainConfig, state: Train
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)  # before any rank writes its RNG state into it
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model (trainable parts only), optimizer, scheduler, RNG, TrainState
-    accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
+    try:
+        accelerator.save_state(str(tmp))  # model (trainable parts only), optimizer, scheduler, RNG
+        accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
+        if accelerator.is_main_process:
+            weights = accelerator.unwrap_model(model).embedder_state_dict()
+            if cfg.model.upstream_trainable:  # a fine-tuned upstream is part of the embedder
+                weights.update({f"upstream.{k}": v for k, v in accelerator.unwrap_model(upstream).state_dict().items()})
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "embedder.safetensors")
+            save_config(cfg, tmp / "config.yaml")
+            # The loop position as JSON, written last: its presence marks a complete checkpoint.
+            (tmp / "train_state.json").write_text(json.dumps(state.state_dict()))
+    except (OSError, RuntimeError, SafetensorError) as err:  # disk full, quota, I/O error (torch says RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(exp_dir)
+        kept = f"{previous[-1][1]} is untouched" if previous else "no earlier checkpoint exists"
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(
+            f"error: could not write checkpoint {final} ({msg}); {kept}. Free disk space and rerun "
+            "the same command: it resumes from the newest checkpoint"
+        ) from None
     if accelerator.is_main_process:
-        weights = accelerator.unwrap_model(model).embedder_state_dict()
-        if cfg.model.upstream_trainable:  # a fine-tuned upstream is part of the embedder
-            weights.update({f"upstream.{k}": v for k, v in accelerator.unwrap_model(upstream).state_dict().items()})
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "embedder.safetensors")
-        save_config(cfg, tmp / "config.yaml")
-        (tmp / "train_state.json").write_text(json.dumps(state.state_dict()))
+        # Renames only, so a kill at any point leaves either the old or the new step-N complete
+        # (remove_interrupted_saves puts a stranded .old-step-N back).
+        old = exp_dir / f".old-step-{state.step}"
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        # Pruning only after the new checkpoint is in place: a failed save never costs an old one.
         if cfg.run.keep_num_ckpts:
-            for _, old in list_checkpoints(exp_dir)[: -cfg.run.keep_num_ckpts]:
-                shutil.rmtree(old)
+            for _, stale in list_checkpoints(exp_dir)[: -cfg.run.keep_num_ckpts]:
+                shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final
+
+
+def unreadable_files(accelerator, dataset) -> int:
+    """Failed training-file loads summed over processes (TrainDataset counts them in shared memory)."""
+    count = torch.tensor(dataset.num_unreadable.value, device=accelerator.device)
+    return int(accelerator.reduce(count, reduction="sum"))
 
 
 def check_resumable(saved_cfg: TrainConfig, cfg: TrainConfig, ckpt: Path) -> None:
@@ -151,9 +185,12 @@ def train(cfg: TrainConfig) -> Path:
     upstream.to(accelerator.device)
     finetune = cfg.model.upstream_trainable
     upstream.requires_grad_(finetune)
-    dataset, speakers, stats = load_train_set(
-        Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed
-    )
+    try:
+        dataset, speakers, stats = load_train_set(
+            Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed
+        )
+    except (OSError, ValueError) as err:  # a missing or malformed manifest: the message names file and line
+        raise SystemExit(f"error: {err}") from None
     model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=len(speakers))
     optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, [model, upstream] if finetune else [model])
     sampler = EpochSampler(len(dataset), cfg.run.seed)
@@ -171,24 +208,41 @@ def train(cfg: TrainConfig) -> Path:
         upstream = accelerator.prepare(upstream)
     if scheduler is not None:
         scheduler = accelerator.prepare(scheduler)
+    # The loop position is kept in train_state.json, not registered with Accelerate: its
+    # custom_checkpoint_*.pkl would be unpickled with weights_only=False on load.
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
 
     # ---- resume: an explicit directory, else the newest complete checkpoint in exp_dir
+    if accelerator.is_main_process:
+        for stale in remove_interrupted_saves(exp_dir):
+            accelerator.print(f"cleaned up {stale.name}, left by a save that was interrupted")
+    accelerator.wait_for_everyone()
     existing = list_checkpoints(exp_dir)
     resume = Path(cfg.run.resume_ckpt_dir) if cfg.run.resume_ckpt_dir else None
-    if resume is None and existing:
-        if not cfg.run.auto_resume:
-            raise SystemExit(
-                f"error: {exp_dir} already has checkpoints (newest {existing[-1][1].name}); "
-                "use --auto_resume true to continue, or a new --exp_dir"
-            )
-        resume = existing[-1][1]
+    try:
+        if resume is None and existing:
+            if not cfg.run.auto_resume:
+                raise SystemExit(
+                    f"error: {exp_dir} already has checkpoints (newest {existing[-1][1].name}); "
+                    "use --auto_resume true to continue, or a new --exp_dir"
+                )
+            resume = newest_usable(existing)  # warns about each corrupt newer one it skips
+            if resume is None:  # never silently restart from step 0 over a run's checkpoints
+                raise SystemExit(
+                    f"error: none of the {len(existing)} checkpoints in {exp_dir} is usable (warnings above); "
+                    "move them away to start over, or use a new --exp_dir"
+                )
+        elif resume is not None:
+            verify_checkpoint(resume)
+        if resume is not None:
+            check_resumable(load_train_config(resume / "config.yaml"), cfg, resume)
+            # The prepared (possibly DDP-wrapped) model's names: what save_state wrote and load_state expects.
+            check_weights_match(resume / "model.safetensors", model.state_dict(), "this model")
+            accelerator.load_state(str(resume))
+            state.load_state_dict(read_train_state(resume))
+    except CheckpointError as err:
+        raise SystemExit(f"error: cannot resume: {err}") from None
     if resume is not None:
-        if not (resume / "train_state.json").is_file():
-            raise SystemExit(f"error: {resume} is not a complete checkpoint (no train_state.json)")
-        check_resumable(load_train_config(resume / "config.yaml"), cfg, resume)
-        accelerator.load_state(str(resume))
         accelerator.print(
             f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
@@ -281,6 +335,8 @@ def train(cfg: TrainConfig) -> Path:
                     "train/lr": lr,
                     "train/grad_norm": float(grad_norm),
                     "train/skipped_updates": skipped_updates,
+                    # Training files that failed to load since this process started (each was replaced).
+                    "train/unreadable_files": unreadable_files(accelerator, dataset),
                     "train/updates_per_s": cfg.run.log_step / max(time.time() - t_log, 1e-9),
                 }
                 weights = accelerator.unwrap_model(model).layer_weights()
@@ -308,13 +364,14 @@ def train(cfg: TrainConfig) -> Path:
     if last_saved != state.step and state.step > 0:
         save_checkpoint(accelerator, model, upstream, cfg, state, exp_dir)
     if accelerator.is_main_process:
-        final = list_checkpoints(exp_dir)[-1][1]
+        final = exp_dir / f"step-{state.step}"  # this run's last save, not whatever has the highest number
         shutil.copy(final / "embedder.safetensors", exp_dir / "embedder.safetensors")
         (exp_dir / "train_summary.json").write_text(
             json.dumps(
                 {
                     "steps": state.step,
                     "skipped_updates": skipped_updates,
+                    "unreadable_files": dataset.num_unreadable.value,
                     "train_seconds": round(time.time() - t_start, 1),
                     **stats,
                 },

@@ -278,17 +278,17 @@ def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int):
             raise FileNotFoundError(f"{p} not found: run prepare.py on {data_dir} first")
     speakers = json.loads(speakers_path.read_text())
     vad = json.loads(vad_path.read_text())
-    missing = [u.id for u in utterances if u.id not in vad["intervals"]]
-    if missing:
-        raise ValueError(
-            f"{vad_path} lacks {len(missing)} utterances of train.csv (e.g. {missing[0]}): "
-            "re-run prepare.py with --force"
-        )
     unknown = [u for u in utterances if u.spk not in speakers]
     if unknown:
         raise ManifestError(
             f"{data_dir / 'train.csv'}: speaker {unknown[0].spk!r} of {unknown[0].id} is not in {speakers_path} "
             "(files from different prepare.py runs?): re-run prepare.py with --force"
+        )
+    missing = [u.id for u in utterances if u.id not in vad["intervals"]]
+    if missing:
+        raise ValueError(
+            f"{vad_path} lacks {len(missing)} utterances of train.csv (e.g. {missing[0]}): "
+            "re-run prepare.py with --force"
         )
     # SUPERB drops an utterance when len/16000 <= min_secs after VAD (spec 1.5 step 4).
     kept = [u for u in utterances if sum(e - s for s, e in vad["intervals"][u.id]) / SAMPLE_RATE > min_secs]
