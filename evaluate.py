@@ -130,7 +130,7 @@ class Embedder:
             expected.update({f"upstream.{k}": v for k, v in self.upstream.state_dict().items()})
         try:  # names and shapes first: a checkpoint of another upstream or head fails with one line
             check_weights_match(
-                ckpt / "embedder.safetensors", expected, f"the model its config.yaml describes ({m.upstream})"
+                ckpt / "embedder.safetensors", expected, f"the model its config.yaml describes (upstream {m.upstream})"
             )
         except CheckpointError as err:
             raise SystemExit(f"error: {err}") from None

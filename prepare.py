@@ -4,8 +4,9 @@
     python prepare.py --dataset voxceleb1 --dataset_root /data/VoxCeleb1
     python prepare.py --dataset manifest --train_csv my_train.csv --trials my_trials.txt
 
-Writes --out_dir (default data/<dataset>): train.csv, speakers.json, vad.json and trials/<name>.csv
-(formats in asv/data.py and the README). A second run reuses what is there; --force redoes it.
+Writes --out_dir (default data/<dataset>): train.csv, speakers.json, vad.json, trials/<name>.csv and
+bad_files.txt (formats in asv/data.py and the README). Every training and trial file is decoded once:
+unusable ones are listed, not fatal. A second run reuses what is there; --force redoes it.
 """
 
 from __future__ import annotations

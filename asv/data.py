@@ -7,6 +7,7 @@ A prepared data directory holds:
                      sample intervals the VAD keeps, computed once on the gained audio; their total
                      is the post-VAD length the min_secs filter uses
   trials/<name>.csv  id1,id2,wav_path1,wav_path2,label   label 1 = same speaker
+  bad_files.txt      path<TAB>reason<TAB>detail         files prepare.py could not use (excluded from the above)
 Ids are VoxCeleb-style relative paths ("id10270/x6uYqmx31kE/00001.wav") and always strings.
 """
 
