@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 TINY_CORPUS = [
     "--demo_train_speakers",
-    "6",
+    "8",  # 6 train, 2 held out for the dev list
+    "--dev_speakers",
+    "2",
     "--demo_test_speakers",
     "4",
     "--demo_videos",
@@ -105,10 +107,14 @@ def test_prepare_writes_the_documented_artifacts(data_dir):
     assert vad["gain_db"] == -3.0 and len(vad["intervals"]) == 6 * 2 * 2
     trials = (data_dir / "trials" / "demo_test.csv").read_text().splitlines()
     assert trials[0] == "id1,id2,wav_path1,wav_path2,label" and len(trials) == 41
-    # Test speakers never appear in training.
+    dev = (data_dir / "trials" / "dev.csv").read_text().splitlines()
+    assert len(dev) == 1 + 24  # 2 held-out speakers x 4 utterances: all 12 target pairs + 12 non-target
+    dev_spk = {u.split("/")[0] for line in dev[1:] for u in line.split(",")[:2]}
+    assert len(dev_spk) == 2
+    # Test and dev speakers never appear in training.
     train_spk = {line.split(",")[2] for line in (data_dir / "train.csv").read_text().splitlines()[1:]}
     trial_spk = {line.split(",")[0].split("/")[0] for line in trials[1:]}
-    assert not train_spk & trial_spk
+    assert not train_spk & trial_spk and not train_spk & dev_spk
 
 
 def test_prepare_is_idempotent(data_dir):
