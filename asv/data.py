@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from asv.audio import SAMPLE_RATE, apply_gain, keep_intervals, load_audio, random_crop, sox_silence, speech_intervals
+from asv.audio import SAMPLE_RATE, apply_gain, load_audio, read_crop, sox_silence, speech_intervals
 
 TRAIN_FIELDS = ["id", "wav_path", "spk", "num_samples"]
 TRIAL_FIELDS = ["id1", "id2", "wav_path1", "wav_path2", "label"]
@@ -165,9 +165,8 @@ class TrainDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         utt = self.utterances[i]
-        wav = apply_gain(load_audio(utt.wav_path), self.gain_db)
-        wav = keep_intervals(wav, self.intervals[utt.id])
-        wav = random_crop(wav, self.max_samples, np.random.default_rng([self.seed, epoch, i]))
+        rng = np.random.default_rng([self.seed, epoch, i])
+        wav = read_crop(utt.wav_path, self.intervals[utt.id], self.max_samples, rng, self.gain_db)
         return torch.from_numpy(np.ascontiguousarray(wav)), self.speakers[utt.spk]
 
 
