@@ -35,7 +35,23 @@ from asv.upstream import UpstreamError, build_upstream, upstream_forward
 CACHE_VERSION = 1
 
 
-class Embedder:
+class ModelEmbedder:
+    """Whole utterances -> embeddings through an upstream and a SpeakerModel (e.g. the one training)."""
+
+    def __init__(self, upstream, model):
+        self.upstream, self.model = upstream, model
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.downstream.output_size
+
+    @torch.inference_mode()
+    def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
+        hidden, hidden_len = upstream_forward(self.upstream, wav, wav_len)
+        return self.model.embed(hidden, hidden_len)
+
+
+class Embedder(ModelEmbedder):
     """Upstream + trained featurizer/downstream of one checkpoint, in eval mode."""
 
     def __init__(self, ckpt: Path, device="cpu", upstream_cache: dict | None = None):
@@ -64,15 +80,6 @@ class Embedder:
             )
         self.model.to(device).eval()
         self.test_effects = self.cfg.data.test_effects
-
-    @property
-    def embed_dim(self) -> int:
-        return self.model.downstream.output_size
-
-    @torch.no_grad()
-    def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
-        hidden, hidden_len = upstream_forward(self.upstream, wav, wav_len)
-        return self.model.embed(hidden, hidden_len)
 
     def fingerprint(self, effects: bool) -> str:
         h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "effects": effects}).encode())
