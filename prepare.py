@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 
 from asv.audio import SAMPLE_RATE, BadAudioError, load_audio
@@ -35,6 +36,8 @@ from asv.data import (
     Trial,
     Utterance,
     compute_vad,
+    hold_out_speakers,
+    make_trials,
     read_voxceleb_trials,
     speaker_map,
     write_csv,
@@ -65,7 +68,14 @@ class PrepareConfig:
     num_workers: int = 2
     # Redo everything even if the outputs exist.
     force: bool = False
-    # demo: seed of the generated corpus.
+    # Training speakers held out for model selection (a fraction if < 1, else a count): their utterances
+    # leave train.csv and form trials/dev.csv. 0 = exact SUPERB parity (all Vox1-dev speakers train).
+    dev_speakers: float = 0.05
+    # Dev trials (half target, half non-target), over at most --dev_utts_per_speaker utterances per speaker.
+    dev_trials: int = 10_000
+    # Dev utterances kept per held-out speaker (bounds the extra embedding work per checkpoint).
+    dev_utts_per_speaker: int = 30
+    # Seed of the dev split (and of the demo corpus).
     seed: int = 0
     # demo: number of training speakers.
     demo_train_speakers: int = 80
@@ -341,6 +351,21 @@ def main(argv: list[str] | None = None) -> Path:
         die(f"unknown --dataset '{cfg.dataset}'; choose demo, voxceleb1 or manifest")
     if not train:
         die("no training utterances found (every speaker appears in a trial list?)")
+    if "dev" in trials:
+        die("a trial list is named 'dev', which prepare.py reserves for the held-out speakers; rename it")
+    try:
+        held_out = hold_out_speakers([s for _, _, s in train], cfg.dev_speakers, cfg.seed)
+    except ValueError as err:
+        die(f"--dev_speakers {cfg.dev_speakers:g}: {err}")
+    if held_out:
+        rng = np.random.default_rng(cfg.seed)
+        dev_utts = []
+        for spk in sorted(held_out):
+            mine = [u for u in train if u[2] == spk]
+            keep = sorted(rng.choice(len(mine), size=min(len(mine), cfg.dev_utts_per_speaker), replace=False))
+            dev_utts += [mine[k] for k in keep]
+        train = [u for u in train if u[2] not in held_out]
+        trials["dev"] = make_trials(dev_utts, cfg.dev_trials, cfg.seed)
     for name, rows in trials.items():
         expected = EXPECTED_TRIALS.get(name + ".txt")
         if expected and len(rows) != expected:
@@ -395,6 +420,7 @@ def main(argv: list[str] | None = None) -> Path:
         "out_dir": str(out),
         "utterances": len(utterances),
         "speakers": len(speakers),
+        "dev_speakers": sorted(held_out),
         "hours": round(sum(u.num_samples for u in utterances) / 16000 / 3600, 3),
         "hours_after_vad": round(sum(e - s for _, r in kept for s, e in r.intervals) / 16000 / 3600, 3),
         "trials": {name: len(rows) for name, rows in trials.items()},
@@ -419,7 +445,8 @@ def print_summary(s: dict) -> None:
         for k, v in s["trials"].items()
     )
     print(
-        f"{s['out_dir']}: {s['utterances']} training utterances, {s['speakers']} speakers, "
+        f"{s['out_dir']}: {s['utterances']} training utterances, {s['speakers']} speakers "
+        f"(+{len(s.get('dev_speakers', []))} held out for the dev list), "
         f"{s['hours']} h ({s['hours_after_vad']} h after VAD); trials: {trials}"
     )
 

@@ -17,14 +17,16 @@ import json
 import netrc
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import GradientAccumulationPlugin, TorchDynamoPlugin, set_seed
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
@@ -38,9 +40,18 @@ from asv.checkpoint import (
     verify_checkpoint,
 )
 from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
-from asv.data import EpochSampler, collate_train, load_train_set
+from asv.data import EpochSampler, collate_train, load_train_set, read_trials_csv
 from asv.models import build_speaker_model
-from asv.upstream import WEIGHT_FREE, UpstreamError, build_upstream, list_upstreams, upstream_forward
+from asv.upstream import (
+    WEIGHT_FREE,
+    UpstreamError,
+    build_upstream,
+    disable_layerdrop,
+    enable_gradient_checkpointing,
+    list_upstreams,
+    trainable_inputs,
+    upstream_forward,
+)
 
 
 class TrainState:
@@ -69,11 +80,24 @@ def wandb_mode(requested: str) -> str:
     return "online" if logged_in else "offline"
 
 
-def build_optimizer_and_scheduler(optim_cfg, modules: list[torch.nn.Module]):
+def build_optimizer_and_scheduler(optim_cfg, model: torch.nn.Module, upstream: torch.nn.Module | None):
+    """One optimizer over the trainable tensors, with its own learning rate for the featurizer's layer
+    weights (--featurizer_lr) and a fine-tuned upstream (--upstream_lr)."""
     if not hasattr(torch.optim, optim_cfg.optimizer):
         raise ValueError(f"--optimizer {optim_cfg.optimizer} is not a torch.optim class")
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = getattr(torch.optim, optim_cfg.optimizer)(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    featurizer = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("featurizer.")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("featurizer.")]
+    groups = [{"params": rest, "lr": optim_cfg.lr}]
+    if featurizer:
+        groups.append({"params": featurizer, "lr": optim_cfg.featurizer_lr or optim_cfg.lr})
+    if upstream is not None:
+        groups.append(
+            {
+                "params": [p for p in upstream.parameters() if p.requires_grad],
+                "lr": optim_cfg.upstream_lr or optim_cfg.lr,
+            }
+        )
+    optimizer = getattr(torch.optim, optim_cfg.optimizer)(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
     scheduler = None
     if optim_cfg.scheduler:
         if not hasattr(torch.optim.lr_scheduler, optim_cfg.scheduler):
@@ -81,6 +105,66 @@ def build_optimizer_and_scheduler(optim_cfg, modules: list[torch.nn.Module]):
         kwargs = yaml.safe_load(optim_cfg.scheduler_kwargs) or {}
         scheduler = getattr(torch.optim.lr_scheduler, optim_cfg.scheduler)(optimizer, **kwargs)
     return optimizer, scheduler
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (a scheduler preempting the job, `scancel`, a time limit's warning signal) only
+    set a flag; the loop saves a checkpoint at the next update boundary and exits 0, and auto-resume
+    continues from there."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame) -> None:
+        self.signal = signum
+
+    def requested(self, accelerator) -> bool:
+        flag = self.signal is not None
+        if accelerator.num_processes > 1:  # one rank's signal stops every rank at the same update
+            flag = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
+        return flag
+
+
+def gradient_accumulation(optim_cfg, num_processes: int, batch_size: int) -> int:
+    if not optim_cfg.effective_batch:
+        return optim_cfg.gradient_accumulate
+    per_update = batch_size * num_processes
+    if optim_cfg.effective_batch % per_update:
+        raise SystemExit(
+            f"error: --effective_batch {optim_cfg.effective_batch} is not a multiple of --batch_size {batch_size} x "
+            f"{num_processes} processes = {per_update}; change --batch_size"
+        )
+    return optim_cfg.effective_batch // per_update
+
+
+def too_many_skips(consecutive: int, cfg: TrainConfig, state: TrainState) -> None:
+    if consecutive >= cfg.run.max_consecutive_skips:
+        raise SystemExit(
+            f"error: {consecutive} updates in a row skipped at step {state.step} (non-finite gradients or out of "
+            "memory): the run has diverged or does not fit; lower --lr, --batch_size or --max_secs, or restart "
+            "from an earlier checkpoint with --resume_ckpt_dir"
+        )
+
+
+def dev_eer(accelerator, upstream, model, cfg: TrainConfig, dev_trials, lengths) -> float:
+    """EER (percent) of the model being trained on the held-out dev list, embedding sharded across processes."""
+    from asv.extract import ModelEmbedder, embed_cached
+    from asv.metrics import compute_eer
+    from asv.scoring import cosine_scores
+
+    net = accelerator.unwrap_model(model)
+    net.eval()
+    items = sorted({(t.id1, t.wav_path1) for t in dev_trials} | {(t.id2, t.wav_path2) for t in dev_trials})
+    vectors = embed_cached(
+        ModelEmbedder(upstream, net), items, lengths, None, cfg.data.test_effects, accelerator, num_workers=0
+    )
+    net.train()
+    scores = cosine_scores(
+        np.stack([vectors[t.wav_path1] for t in dev_trials]), np.stack([vectors[t.wav_path2] for t in dev_trials])
+    )
+    return 100.0 * compute_eer(scores, [t.label for t in dev_trials])[0]
 
 
 def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
@@ -162,20 +246,27 @@ def check_resumable(saved_cfg: TrainConfig, cfg: TrainConfig, ckpt: Path) -> Non
 
 def train(cfg: TrainConfig) -> Path:
     exp_dir = Path(cfg.run.exp_dir)
+    if os.environ.get("WANDB_SWEEP_ID"):  # every sweep trial trains in its own directory
+        exp_dir = exp_dir / f"sweep-{os.environ['WANDB_SWEEP_ID']}-{os.environ.get('WANDB_RUN_ID', int(time.time()))}"
     mode = wandb_mode(cfg.run.wandb_mode)
+    # The plugin needs the accumulation before Accelerator exists; every launcher (accelerate launch,
+    # torchrun, SLURM through them) exports WORLD_SIZE.
+    accumulate = gradient_accumulation(cfg.optim, int(os.environ.get("WORLD_SIZE", 1)), cfg.data.batch_size)
     accelerator = Accelerator(
         mixed_precision=cfg.run.mixed_precision,
         # Accumulation runs across epoch ends (s3prl counts backward passes globally), so an update
         # always sums exactly gradient_accumulate batches.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=cfg.optim.gradient_accumulate, sync_with_dataloader=False
-        ),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulate, sync_with_dataloader=False),
         # We step the scheduler once per update ourselves; Accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if cfg.run.compile else None,
         log_with=None if mode == "disabled" else "wandb",
         project_dir=str(exp_dir),
     )
+    if cfg.run.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        accelerator.print("warning: bf16 on a CPU is about 100x slower than fp32 here; use --mixed_precision no")
     set_seed(cfg.run.seed)
+    preemption = Preemption()
 
     # ---- data, model, optimizer
     try:
@@ -185,6 +276,10 @@ def train(cfg: TrainConfig) -> Path:
     upstream.to(accelerator.device)
     finetune = cfg.model.upstream_trainable
     upstream.requires_grad_(finetune)
+    if finetune:
+        disable_layerdrop(upstream)
+        if cfg.run.gradient_checkpointing:
+            accelerator.print(f"gradient checkpointing on {enable_gradient_checkpointing(upstream)} upstream layers")
     try:
         dataset, speakers, stats = load_train_set(
             Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed
@@ -192,15 +287,17 @@ def train(cfg: TrainConfig) -> Path:
     except (OSError, ValueError) as err:  # a missing or malformed manifest: the message names file and line
         raise SystemExit(f"error: {err}") from None
     model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=len(speakers))
-    optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, [model, upstream] if finetune else [model])
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, model, upstream if finetune else None)
     sampler = EpochSampler(len(dataset), cfg.run.seed)
+    workers = cfg.data.num_workers
     loader = DataLoader(
         dataset,
         batch_size=cfg.data.batch_size,
         sampler=sampler,
         collate_fn=collate_train,
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
         pin_memory=accelerator.device.type == "cuda",
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -211,6 +308,12 @@ def train(cfg: TrainConfig) -> Path:
     # The loop position is kept in train_state.json, not registered with Accelerate: its
     # custom_checkpoint_*.pkl would be unpickled with weights_only=False on load.
     state = TrainState()
+    dev_path = Path(cfg.data.data_dir) / "trials" / "dev.csv"
+    dev_trials = read_trials_csv(dev_path) if cfg.run.eval_dev and dev_path.is_file() else None
+    if dev_trials:
+        from asv.extract import audio_lengths
+
+        dev_lengths = audio_lengths([p for t in dev_trials for p in (t.wav_path1, t.wav_path2)])
 
     # ---- resume: an explicit directory, else the newest complete checkpoint in exp_dir
     if accelerator.is_main_process:
@@ -247,12 +350,16 @@ def train(cfg: TrainConfig) -> Path:
             f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
 
+    log_path = exp_dir / "train_log.jsonl"
     if accelerator.is_main_process:
         exp_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, exp_dir / "config.yaml")
+        if log_path.is_file():  # a killed run may have logged past its last checkpoint: drop those lines
+            kept = [r for r in log_path.read_text().splitlines() if json.loads(r)["step"] <= state.step]
+            log_path.write_text("".join(r + "\n" for r in kept))
     run_id_file = exp_dir / "wandb_id.txt"
     if accelerator.is_main_process and not run_id_file.exists():
-        run_id_file.write_text(f"{exp_dir.name}-{int(time.time())}")
+        run_id_file.write_text(os.environ.get("WANDB_RUN_ID") or f"{exp_dir.name}-{int(time.time())}")
     accelerator.wait_for_everyone()
     accelerator.init_trackers(
         cfg.run.wandb_project,
@@ -269,25 +376,37 @@ def train(cfg: TrainConfig) -> Path:
     )
 
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    effective = cfg.data.batch_size * accelerator.num_processes * cfg.optim.gradient_accumulate
+    effective = cfg.data.batch_size * accelerator.num_processes * accumulate
     accelerator.print(
         f"training {cfg.model.upstream} -> {cfg.model.downstream} + {cfg.loss.loss} "
         f"on {stats['utterances']} utterances "
         f"({stats['dropped_short']} dropped as <= {cfg.data.min_secs}s after VAD), {stats['classes']} speakers; "
         f"{num_trainable / 1e6:.2f} M trainable parameters\n"
         f"effective batch {effective} = {cfg.data.batch_size} per device x {accelerator.num_processes} processes x "
-        f"{cfg.optim.gradient_accumulate} accumulation; {len(loader)} batches per epoch per process; "
+        f"{accumulate} accumulation; {len(loader)} batches per epoch per process; "
         f"{cfg.run.total_steps} updates on {accelerator.device} (mixed precision: {cfg.run.mixed_precision})"
+        + (f"; dev list: {len(dev_trials)} trials" if dev_trials else "")
     )
-    if cfg.run.save_initial and state.step == 0 and resume is None:
-        save_checkpoint(accelerator, model, upstream, cfg, state, exp_dir)
 
-    # ---- the loop: one optimizer update every gradient_accumulate batches
+    def checkpoint() -> None:
+        save_checkpoint(accelerator, model, upstream, cfg, state, exp_dir)
+        if dev_trials:
+            eer = dev_eer(accelerator, upstream, model, cfg, dev_trials, dev_lengths)
+            accelerator.log({"dev/eer": eer}, step=state.step)
+            accelerator.print(f"step {state.step}: dev EER {eer:.2f}%")
+            if accelerator.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": state.step, "dev/eer": eer}) + "\n")
+
+    if cfg.run.save_initial and state.step == 0 and resume is None:
+        checkpoint()
+
+    # ---- the loop: one optimizer update every `accumulate` batches
     # bf16/fp16 only pays off for neural upstreams; signal-processing front-ends stay in fp32.
     upstream_autocast = cfg.model.upstream not in WEIGHT_FREE
-    log_path = exp_dir / "train_log.jsonl"
     sums = torch.zeros(3, device=accelerator.device)  # loss, correct, count since the last log
-    skipped_updates, t_log, t_start, last_saved = 0, time.time(), time.time(), state.step
+    skipped_updates = oom_batches = consecutive_skips = 0
+    t_log, t_start, last_saved = time.time(), time.time(), state.step
     model.train()
     upstream.train(finetune)
     while state.step < cfg.run.total_steps:
@@ -295,33 +414,54 @@ def train(cfg: TrainConfig) -> Path:
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for wav, wav_len, labels in epoch_loader:
             state.batch_in_epoch += 1
-            with accelerator.accumulate(model, *([upstream] if finetune else [])):
-                with accelerator.autocast() if upstream_autocast else torch.autocast(wav.device.type, enabled=False):
-                    if finetune:
-                        hidden, hidden_len = upstream(wav, wav_len)
-                    else:
-                        hidden, hidden_len = upstream_forward(upstream, wav, wav_len)
-                loss, logits = model(hidden, hidden_len, labels)
-                accelerator.backward(loss)
-                sums += torch.stack(
-                    [
-                        loss.detach().float() * len(labels),
-                        (logits.argmax(-1) == labels).sum().float(),
-                        torch.tensor(float(len(labels)), device=sums.device),
-                    ]
-                )
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], cfg.optim.gradient_clipping
+            try:
+                with accelerator.accumulate(model, *([upstream] if finetune else [])):
+                    with (
+                        accelerator.autocast() if upstream_autocast else torch.autocast(wav.device.type, enabled=False)
+                    ):
+                        if finetune:
+                            hidden, hidden_len = upstream(wav, wav_len)
+                        else:
+                            hidden, hidden_len = trainable_inputs(*upstream_forward(upstream, wav, wav_len))
+                    loss, logits = model(hidden, hidden_len, labels)
+                    accelerator.backward(loss)
+                    finite = torch.isfinite(loss.detach()).float()  # a NaN loss must not poison the logged mean
+                    sums += torch.stack(
+                        [
+                            torch.nan_to_num(loss.detach().float(), 0.0, 0.0, 0.0) * len(labels) * finite,
+                            (logits.argmax(-1) == labels).sum().float() * finite,
+                            len(labels) * finite,
+                        ]
                     )
-                    # s3prl skips the update when the gradient is not finite; so do we, and count it.
-                    if torch.isfinite(grad_norm):
-                        optimizer.step()
-                        if scheduler is not None:
-                            scheduler.step()
-                    else:
-                        skipped_updates += 1
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(
+                            [p for g in optimizer.param_groups for p in g["params"]], cfg.optim.gradient_clipping
+                        )
+                        # s3prl skips the update when the gradient is not finite; so do we, count it, and
+                        # give up when it keeps happening (the run has diverged).
+                        if torch.isfinite(grad_norm):
+                            optimizer.step()
+                            if scheduler is not None:
+                                scheduler.step()
+                            consecutive_skips = 0
+                        else:
+                            skipped_updates += 1
+                            consecutive_skips += 1
+                    optimizer.zero_grad()
+            except torch.OutOfMemoryError:
+                # s3prl's OOM check is inverted and never fires; here the batch is dropped and counted.
+                if accelerator.num_processes > 1:  # the other ranks would wait for this one's gradients forever
+                    raise SystemExit(
+                        f"error: out of memory at step {state.step} (batch {state.batch_in_epoch} of epoch "
+                        f"{state.epoch}); lower --batch_size or --max_secs"
+                    ) from None
                 optimizer.zero_grad()
+                torch.cuda.empty_cache()
+                oom_batches += 1
+                consecutive_skips += 1
+                too_many_skips(consecutive_skips, cfg, state)
+                continue  # not an update: the step counter only counts real ones
+            too_many_skips(consecutive_skips, cfg, state)
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
@@ -330,11 +470,12 @@ def train(cfg: TrainConfig) -> Path:
                 totals = accelerator.reduce(sums, reduction="sum")
                 lr = optimizer.param_groups[0]["lr"]
                 record = {
-                    "train/loss": (totals[0] / totals[2]).item(),
-                    "train/acc": (totals[1] / totals[2]).item(),
+                    "train/loss": (totals[0] / totals[2].clamp(min=1)).item(),
+                    "train/acc": (totals[1] / totals[2].clamp(min=1)).item(),
                     "train/lr": lr,
                     "train/grad_norm": float(grad_norm),
                     "train/skipped_updates": skipped_updates,
+                    "train/oom_batches": oom_batches,
                     # Training files that failed to load since this process started (each was replaced).
                     "train/unreadable_files": unreadable_files(accelerator, dataset),
                     "train/updates_per_s": cfg.run.log_step / max(time.time() - t_log, 1e-9),
@@ -353,8 +494,17 @@ def train(cfg: TrainConfig) -> Path:
                 sums.zero_()
                 t_log = time.time()
             if state.step % cfg.run.save_step == 0 or state.step == cfg.run.total_steps:
-                save_checkpoint(accelerator, model, upstream, cfg, state, exp_dir)
+                checkpoint()
                 last_saved = state.step
+            if preemption.requested(accelerator):
+                if last_saved != state.step:
+                    checkpoint()
+                accelerator.print(
+                    f"received signal {preemption.signal or 'on another rank'}: saved step {state.step} and stopped; "
+                    "run the same command again to resume"
+                )
+                accelerator.end_training()
+                return exp_dir
             if state.step >= cfg.run.total_steps:
                 break
         else:  # the epoch ran out before total_steps: next epoch, from its first batch
@@ -362,7 +512,7 @@ def train(cfg: TrainConfig) -> Path:
             state.batch_in_epoch = 0
 
     if last_saved != state.step and state.step > 0:
-        save_checkpoint(accelerator, model, upstream, cfg, state, exp_dir)
+        checkpoint()
     if accelerator.is_main_process:
         final = exp_dir / f"step-{state.step}"  # this run's last save, not whatever has the highest number
         shutil.copy(final / "embedder.safetensors", exp_dir / "embedder.safetensors")
@@ -371,6 +521,7 @@ def train(cfg: TrainConfig) -> Path:
                 {
                     "steps": state.step,
                     "skipped_updates": skipped_updates,
+                    "oom_batches": oom_batches,
                     "unreadable_files": dataset.num_unreadable.value,
                     "train_seconds": round(time.time() - t_start, 1),
                     **stats,

@@ -234,3 +234,49 @@ def random_crop(wav: np.ndarray, max_samples: int, rng: np.random.Generator) -> 
         return wav
     start = int(rng.integers(0, len(wav) - max_samples + 1))
     return wav[start : start + max_samples]
+
+
+def read_crop(
+    path: str | Path, intervals, max_samples: int, rng: np.random.Generator, gain_db: float = 0.0
+) -> np.ndarray:
+    """`random_crop(keep_intervals(apply_gain(load_audio(path)), intervals), ...)`, reading only the crop.
+
+    The crop is drawn on the VAD'd signal (the concatenated intervals) exactly as random_crop draws it,
+    mapped back to file offsets and read with seeks, so the decode cost does not grow with the file's
+    length. Files that need a conversion (not 16 kHz) take the whole-file path.
+    """
+    intervals = np.asarray(intervals, dtype=np.int64).reshape(-1, 2)
+    try:
+        f = sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError):
+        load_audio(path)  # raises BadAudioError saying why (missing, empty, corrupt, ...)
+        raise
+    with f:
+        cut = _DATA_LEN.search(f.extra_info)
+        if cut and int(cut.group(2)) < int(cut.group(1)):
+            raise BadAudioError(
+                path, "truncated", f"header declares {cut.group(1)} data bytes, file holds {cut.group(2)}"
+            )
+        if f.samplerate != SAMPLE_RATE:
+            wav = keep_intervals(apply_gain(load_audio(path), gain_db), intervals)
+            return random_crop(wav, max_samples, rng)
+        sizes = intervals[:, 1] - intervals[:, 0]
+        total = int(sizes.sum())
+        start = int(rng.integers(0, total - max_samples + 1)) if total > max_samples else 0
+        stop = min(total, start + max_samples)
+        pieces, offset = [], 0  # offset: position of the current interval on the VAD'd signal
+        for s, size in zip(intervals[:, 0].tolist(), sizes.tolist(), strict=True):
+            lo, hi = max(start, offset), min(stop, offset + size)
+            if lo < hi:
+                f.seek(s + lo - offset)
+                pieces.append(f.read(hi - lo, dtype="float32", always_2d=True))
+            offset += size
+            if offset >= stop:
+                break
+    if not pieces:
+        return np.zeros(0, dtype=np.float32)
+    wav = np.concatenate(pieces)
+    if not np.isfinite(wav).all():
+        raise BadAudioError(path, "NaN or inf samples")
+    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    return apply_gain(wav, gain_db)

@@ -29,6 +29,8 @@ class DataConfig:
     batch_size: int = 10
     # DataLoader worker processes per device (s3prl: 6; 0 loads in the main process).
     num_workers: int = 2
+    # Batches each worker loads ahead, so reading and VAD-cropping stay hidden behind the model.
+    prefetch_factor: int = 4
     # Also apply the training gain and VAD to test audio, as the SUPERB paper's legacy recipe did
     # (s3prl's current SuperbASV scores raw audio: the default).
     test_effects: bool = False
@@ -97,6 +99,13 @@ class OptimConfig:
     gradient_clipping: float = 1000.0
     # Batches whose gradients are summed before each optimizer update.
     gradient_accumulate: int = 5
+    # Keep this many utterances per update on any number of devices: sets --gradient_accumulate to
+    # effective_batch / (batch_size x processes), which must divide evenly (SUPERB: 50 = 10 x 1 x 5).
+    effective_batch: int | None = None
+    # Learning rate of the featurizer's layer weights (default: --lr).
+    featurizer_lr: float | None = None
+    # Learning rate of the upstream when --upstream_trainable (default: --lr).
+    upstream_lr: float | None = None
 
 
 @dataclass
@@ -121,8 +130,19 @@ class RunConfig:
     resume_ckpt_dir: str | None = None
     # Seed for python, numpy, torch, the sampler and the crops.
     seed: int = 0
-    # no | fp16 | bf16. Keep `no` on CPUs: bf16 matmuls there are ~100x slower than fp32.
+    # no | fp16 | bf16, for neural upstreams (signal-processing front-ends such as fbank stay fp32).
+    # Keep `no` on CPUs: bf16 matmuls there are ~100x slower than fp32.
     mixed_precision: str = "no"
+    # torch.compile the featurizer + downstream + head (inductor, dynamic shapes). Opt-in: compiling
+    # takes minutes and pays off only on long GPU runs.
+    compile: bool = False
+    # Recompute upstream layer activations in the backward pass (with --upstream_trainable): less memory.
+    gradient_checkpointing: bool = False
+    # Abort after this many updates in a row are skipped (non-finite gradients or out-of-memory batches).
+    max_consecutive_skips: int = 20
+    # At each checkpoint, embed the prepared dev list (trials/dev.csv, prepare.py --dev_speakers) and
+    # log dev/eer: the metric W&B sweeps minimise and evaluate.py selects checkpoints by.
+    eval_dev: bool = True
     # W&B: auto (online when logged in, else offline) | online | offline | disabled.
     wandb_mode: str = "auto"
     # W&B project name.

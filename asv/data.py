@@ -24,16 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from asv.audio import (
-    SAMPLE_RATE,
-    BadAudioError,
-    apply_gain,
-    keep_intervals,
-    load_audio,
-    random_crop,
-    sox_silence,
-    speech_intervals,
-)
+from asv.audio import SAMPLE_RATE, BadAudioError, apply_gain, load_audio, read_crop, sox_silence, speech_intervals
 
 TRAIN_FIELDS = ["id", "wav_path", "spk", "num_samples"]
 TRIAL_FIELDS = ["id1", "id2", "wav_path1", "wav_path2", "label"]
@@ -243,7 +234,8 @@ class TrainDataset(Dataset):
         for k in range(MAX_SUBSTITUTES):
             utt = self.utterances[(i + k) % len(self.utterances)]
             try:
-                wav = load_audio(utt.wav_path)
+                rng = np.random.default_rng([self.seed, epoch, i])
+                wav = read_crop(utt.wav_path, self.intervals[utt.id], self.max_samples, rng, self.gain_db)
                 break
             except BadAudioError as err:
                 with self.num_unreadable.get_lock():
@@ -256,9 +248,6 @@ class TrainDataset(Dataset):
                 f"{MAX_SUBSTITUTES} training files in a row are unreadable (last: {utt.wav_path}): "
                 "is the data directory still mounted?"
             )
-        wav = apply_gain(wav, self.gain_db)
-        wav = keep_intervals(wav, self.intervals[utt.id])
-        wav = random_crop(wav, self.max_samples, np.random.default_rng([self.seed, epoch, i]))
         return torch.from_numpy(np.ascontiguousarray(wav)), self.speakers[utt.spk]
 
 
@@ -360,9 +349,47 @@ def length_buckets(lengths: list[int], max_frames: int) -> list[list[int]]:
 
 
 def unique_utterances(trials: list[Trial]) -> list[tuple[str, str]]:
-    """Sorted unique (id, wav_path) over both trial columns: each is embedded exactly once."""
+    """Unique (id, wav_path) over both trial columns, sorted by path: each audio file is embedded exactly
+    once, even when two lists name it differently."""
     seen = {}
     for t in trials:
-        seen.setdefault(t.id1, t.wav_path1)
-        seen.setdefault(t.id2, t.wav_path2)
-    return sorted(seen.items())
+        seen.setdefault(t.wav_path1, t.id1)
+        seen.setdefault(t.wav_path2, t.id2)
+    return [(i, p) for p, i in sorted(seen.items())]
+
+
+def hold_out_speakers(speakers: list[str], amount: float, seed: int) -> set[str]:
+    """The speakers kept out of training for model selection: `amount` < 1 is a fraction of them
+    (rounded up, at least 2: a dev list needs non-target trials), >= 1 a count; 0 keeps everyone in
+    training (exact SUPERB parity)."""
+    names = sorted(set(speakers))
+    n = max(2, int(np.ceil(amount * len(names)))) if 0 < amount < 1 else int(amount)
+    if n == 1:
+        raise ValueError("a dev list needs at least 2 held-out speakers (non-target trials); pass 0 or >= 2")
+    if n < 0 or n > len(names) - 2:
+        raise ValueError(f"cannot hold out {n} of {len(names)} training speakers (at least 2 must train); pass 0")
+    return set(np.random.default_rng(seed).choice(names, size=n, replace=False).tolist()) if n else set()
+
+
+def make_trials(utts: list[tuple[str, str, str]], num_trials: int, seed: int) -> list[Trial]:
+    """Balanced trials over (id, wav_path, spk): half same-speaker pairs drawn without replacement (all of
+    them when fewer exist), as many different-speaker pairs; sorted, deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    by_spk: dict[str, list[int]] = {}
+    for i, (_, _, spk) in enumerate(utts):
+        by_spk.setdefault(spk, []).append(i)
+    targets = [(a, b) for idx in by_spk.values() for k, a in enumerate(idx) for b in idx[k + 1 :]]
+    non_targets = len(utts) * (len(utts) - 1) // 2 - len(targets)
+    n = min(num_trials // 2, len(targets), non_targets)
+    chosen = [targets[j] for j in rng.choice(len(targets), size=n, replace=False)]
+    spk = np.array([s for _, _, s in utts])
+    pairs: set[tuple[int, int]] = set()
+    while len(pairs) < n:
+        a, b = rng.integers(len(utts), size=2)
+        if spk[a] != spk[b]:
+            pairs.add((int(min(a, b)), int(max(a, b))))
+    rows = [(1, a, b) for a, b in chosen] + [(0, a, b) for a, b in sorted(pairs)]
+    return sorted(
+        (Trial(utts[a][0], utts[b][0], utts[a][1], utts[b][1], label) for label, a, b in rows),
+        key=lambda t: (t.id1, t.id2),
+    )

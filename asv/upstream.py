@@ -32,7 +32,17 @@ except ImportError:
 logging.getLogger("s3prl.upstream.espnet_hubert.expert").setLevel(logging.ERROR)
 from s3prl.nn import Featurizer, S3PRLUpstream  # noqa: E402
 
-__all__ = ["Featurizer", "S3PRLUpstream", "UpstreamError", "build_upstream", "list_upstreams", "upstream_forward"]
+__all__ = [
+    "Featurizer",
+    "S3PRLUpstream",
+    "UpstreamError",
+    "build_upstream",
+    "disable_layerdrop",
+    "enable_gradient_checkpointing",
+    "list_upstreams",
+    "trainable_inputs",
+    "upstream_forward",
+]
 
 # Names that need no download: s3prl computes them from the waveform (spec section 6.1).
 WEIGHT_FREE = {"fbank", "fbank_no_cmvn", "baseline", "mfcc", "mel", "spectrogram", "linear"}
@@ -77,8 +87,58 @@ def build_upstream(name: str, ckpt: str | None = None, normalize: bool = False) 
     return upstream
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def upstream_forward(upstream: S3PRLUpstream, wav: torch.Tensor, wav_len: torch.Tensor):
-    """Hidden states of a frozen upstream, always in eval mode (dropout off), as SuperbASV does."""
+    """Hidden states of a frozen upstream, always in eval mode (dropout off), as SuperbASV does.
+
+    Inference mode skips autograd bookkeeping entirely; its outputs cannot be saved for a backward
+    pass, so a training step clones them first (`trainable_inputs`)."""
     upstream.eval()
     return upstream(wav, wav_len)
+
+
+def trainable_inputs(hidden: list[torch.Tensor], hidden_len: list[torch.Tensor]):
+    """Ordinary-tensor copies of inference-mode hidden states, so the featurizer can backpropagate."""
+    return [h.clone() for h in hidden], [n.clone() for n in hidden_len]
+
+
+def disable_layerdrop(upstream: torch.nn.Module) -> int:
+    """Set every layerdrop probability to 0 (fairseq-style modules and HF configs): fine-tuning with
+    layers randomly skipped would change which hidden states the featurizer mixes. Returns how many."""
+    n = 0
+    for m in upstream.modules():
+        if isinstance(getattr(m, "layerdrop", None), float) and m.layerdrop > 0:
+            m.layerdrop, n = 0.0, n + 1
+        cfg = getattr(m, "config", None)
+        if isinstance(getattr(cfg, "layerdrop", None), float) and cfg.layerdrop > 0:
+            cfg.layerdrop, n = 0.0, n + 1
+    return n
+
+
+def enable_gradient_checkpointing(upstream: torch.nn.Module) -> int:
+    """Recompute transformer layers in the backward pass. HF models use their own switch; other
+    upstreams get each layer of their `...layers` ModuleLists wrapped. Returns the layers covered."""
+    for m in upstream.modules():
+        if hasattr(m, "gradient_checkpointing_enable") and getattr(m, "supports_gradient_checkpointing", False):
+            m.gradient_checkpointing_enable()
+            return sum(
+                len(x) for k, x in m.named_modules() if isinstance(x, torch.nn.ModuleList) and k.endswith("layers")
+            )
+    n = 0
+    for name, layers in upstream.named_modules():
+        if isinstance(layers, torch.nn.ModuleList) and name.split(".")[-1] == "layers":
+            for layer in layers:
+                layer.forward = _checkpointed(layer.forward)
+                n += 1
+    return n
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run

@@ -191,3 +191,21 @@ def test_vad_matches_sox_binary(tmp_path):
         kept = [ints[s:e] for s, e in speech_intervals(ints / 2**31)]
         ours = np.concatenate(kept) if kept else np.zeros(0, np.int32)
         np.testing.assert_array_equal(ours, ref)
+
+
+def test_read_crop_equals_cropping_the_whole_decoded_signal(tmp_path):
+    from asv.audio import keep_intervals, read_crop
+
+    rng = np.random.default_rng(0)
+    for channels in (1, 2):
+        wav = (rng.standard_normal((48_000, channels)) * 0.1).astype(np.float32)
+        path = tmp_path / f"x{channels}.wav"
+        sf.write(path, wav, 16000, subtype="PCM_16")
+        for trial in range(30):
+            cuts = np.sort(rng.choice(48_000, size=2 * rng.integers(1, 6), replace=False)).reshape(-1, 2)
+            max_samples = int(rng.integers(100, 30_000))
+            whole = keep_intervals(apply_gain(load_audio(path), -3.0), cuts.tolist())
+            expected = random_crop(whole, max_samples, np.random.default_rng(trial))
+            got = read_crop(path, cuts.tolist(), max_samples, np.random.default_rng(trial), -3.0)
+            np.testing.assert_array_equal(got, expected)
+    assert len(read_crop(path, [], 1000, np.random.default_rng(0))) == 0

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 TINY_CORPUS = [
     "--demo_train_speakers",
-    "6",
+    "8",  # 6 train, 2 held out for the dev list
+    "--dev_speakers",
+    "2",
     "--demo_test_speakers",
     "4",
     "--demo_videos",
@@ -91,9 +93,8 @@ def data_dir(tmp_path_factory):
 
 
 def losses(exp_dir):
-    return [
-        (r["step"], r["train/loss"]) for r in map(json.loads, (exp_dir / "train_log.jsonl").read_text().splitlines())
-    ]
+    records = map(json.loads, (exp_dir / "train_log.jsonl").read_text().splitlines())
+    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
 
 
 def test_prepare_writes_the_documented_artifacts(data_dir):
@@ -105,10 +106,14 @@ def test_prepare_writes_the_documented_artifacts(data_dir):
     assert vad["gain_db"] == -3.0 and len(vad["intervals"]) == 6 * 2 * 2
     trials = (data_dir / "trials" / "demo_test.csv").read_text().splitlines()
     assert trials[0] == "id1,id2,wav_path1,wav_path2,label" and len(trials) == 41
-    # Test speakers never appear in training.
+    dev = (data_dir / "trials" / "dev.csv").read_text().splitlines()
+    assert len(dev) == 1 + 24  # 2 held-out speakers x 4 utterances: all 12 target pairs + 12 non-target
+    dev_spk = {u.split("/")[0] for line in dev[1:] for u in line.split(",")[:2]}
+    assert len(dev_spk) == 2
+    # Test and dev speakers never appear in training.
     train_spk = {line.split(",")[2] for line in (data_dir / "train.csv").read_text().splitlines()[1:]}
     trial_spk = {line.split(",")[0].split("/")[0] for line in trials[1:]}
-    assert not train_spk & trial_spk
+    assert not train_spk & trial_spk and not train_spk & dev_spk
 
 
 def test_prepare_is_idempotent(data_dir):
@@ -205,6 +210,29 @@ def test_two_processes_same_layout_and_scores(tmp_path, data_dir):
     ckpt = exp / "step-2"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (ckpt / "embedder.safetensors").is_file() and not list(exp.glob(".tmp-*"))
+    # One process with the same effective batch (4 per device x 2 accumulation) sees the same utterances
+    # and crops per update, so its losses and weights match within float tolerance.
+    one = tmp_path / "exp1"
+    run(
+        [
+            "train.py",
+            *TRAIN,
+            "--data_dir",
+            str(data_dir),
+            "--exp_dir",
+            str(one),
+            "--total_steps",
+            "2",
+            "--save_step",
+            "2",
+        ]
+    )
+    np.testing.assert_allclose([v for _, v in losses(one)], [v for _, v in losses(exp)], rtol=1e-5)
+    from safetensors.numpy import load_file
+
+    w1, w2 = load_file(one / "step-2" / "embedder.safetensors"), load_file(ckpt / "embedder.safetensors")
+    for k in w1:
+        np.testing.assert_allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6, err_msg=k)
     # Sharded evaluation gathers every utterance exactly once: the same scores as one process.
     evaluate = ["evaluate.py", "--ckpt_dir", str(ckpt), "--wandb_mode", "disabled", "--num_workers", "0"]
     launch_2proc([*evaluate, "--out_dir", str(tmp_path / "ev2")])
@@ -259,7 +287,8 @@ def test_scheduler_runs_and_old_checkpoints_are_pruned(tmp_path, data_dir):
     args = ["train.py", *TRAIN, "--data_dir", str(data_dir), "--exp_dir", str(exp), "--total_steps", "3"]
     args += ["--save_step", "1", "--keep_num_ckpts", "2", "--lr", "1e-3"]
     run([*args, "--scheduler", "StepLR", "--scheduler_kwargs", "{step_size: 1, gamma: 0.5}"])
-    lrs = [json.loads(line)["train/lr"] for line in (exp / "train_log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (exp / "train_log.jsonl").read_text().splitlines()]
+    lrs = [r["train/lr"] for r in records if "train/lr" in r]  # the dev/eer records carry no LR
     # Stepped once per optimizer update (s3prl's scheduler block never runs).
     assert lrs == pytest.approx([5e-4, 2.5e-4, 1.25e-4])
     assert sorted(p.name for p in exp.glob("step-*")) == ["step-2", "step-3"]

@@ -1,0 +1,96 @@
+"""Python API: embed audio files and verify pairs with a trained checkpoint.
+
+    import asv
+    emb = asv.embed(["a.wav", "b.wav"], "exp/run/step-100000")        # (2, E) numpy array
+    asv.verify("a.wav", "b.wav", "exp/run/step-100000")
+    # {'score': 0.71, 'threshold': 0.42, 'same_speaker': True, 'threshold_source': 'dev EER threshold, ...'}
+
+The decision threshold is the checkpoint's EER threshold on the held-out dev list (prepare.py
+--dev_speakers): read from evaluate.py's results when present, else computed once (the dev embeddings
+are then cached in <exp>/evaluate/step-<N>/embeddings.npz).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asv.data import read_trials_csv
+from asv.extract import Embedder, audio_lengths, embed_cached
+from asv.metrics import compute_eer
+from asv.scoring import cosine_scores
+
+DEV_LIST = "dev"
+
+
+@lru_cache(maxsize=4)
+def load_embedder(ckpt_dir: str, device: str | None = None) -> Embedder:
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / "train_state.json").is_file():
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint directory (no train_state.json): pass exp/<run>/step-<N>")
+    return Embedder(ckpt, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def embed(
+    wavs: str | list[str],
+    ckpt_dir: str | Path,
+    test_effects: bool | None = None,
+    max_frames: int = 400_000,
+    device: str | None = None,
+) -> np.ndarray:
+    """Embeddings (N, E) of whole wav files, in order; test_effects defaults to the checkpoint's setting."""
+    paths = [wavs] if isinstance(wavs, (str, Path)) else list(wavs)
+    paths = [str(p) for p in paths]
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{p} does not exist")
+    embedder = load_embedder(str(ckpt_dir), device)
+    effects = embedder.test_effects if test_effects is None else test_effects
+    vectors = embed_cached(
+        embedder, [(p, p) for p in paths], audio_lengths(paths), None, effects, max_frames=max_frames
+    )
+    return np.stack([vectors[p] for p in paths])
+
+
+def dev_threshold(ckpt_dir: str | Path, test_effects: bool | None = None) -> tuple[float | None, str]:
+    """(EER threshold on the dev list, where it came from), or (None, why not)."""
+    ckpt = Path(ckpt_dir)
+    step = json.loads((ckpt / "train_state.json").read_text())["step"]
+    saved = ckpt.parent / "evaluate" / DEV_LIST / f"step-{step}" / "results.json"
+    if saved.is_file() and test_effects is None:
+        return json.loads(saved.read_text())["eer_threshold"], f"dev EER threshold, from {saved}"
+    embedder = load_embedder(str(ckpt))
+    dev = Path(embedder.cfg.data.data_dir) / "trials" / f"{DEV_LIST}.csv"
+    if not dev.is_file():
+        return None, f"no threshold: {dev} does not exist (prepare.py --dev_speakers N builds it)"
+    trials = read_trials_csv(dev)
+    items = sorted({(t.id1, t.wav_path1) for t in trials} | {(t.id2, t.wav_path2) for t in trials})
+    effects = embedder.test_effects if test_effects is None else test_effects
+    cache = ckpt.parent / "evaluate" / f"step-{step}" / "embeddings.npz"
+    vectors = embed_cached(embedder, items, audio_lengths([p for _, p in items]), cache, effects)
+    scores = cosine_scores(
+        np.stack([vectors[t.wav_path1] for t in trials]), np.stack([vectors[t.wav_path2] for t in trials])
+    )
+    eer, threshold = compute_eer(scores, [t.label for t in trials])
+    return threshold, f"dev EER threshold ({100 * eer:.2f}% EER on {len(trials)} dev trials)"
+
+
+def verify(
+    wav_a: str | Path, wav_b: str | Path, ckpt_dir: str | Path, threshold: float | None = None, test_effects=None
+) -> dict:
+    """Cosine score of two files and the decision at `threshold` (default: the checkpoint's dev-EER threshold)."""
+    emb = embed([str(wav_a), str(wav_b)], ckpt_dir, test_effects=test_effects)
+    score = float(cosine_scores(emb[:1], emb[1:])[0])
+    source = "given"
+    if threshold is None:
+        threshold, source = dev_threshold(ckpt_dir, test_effects)
+    return {
+        "score": score,
+        "threshold": threshold,
+        "same_speaker": None if threshold is None else score >= threshold,
+        "threshold_source": source,
+    }

@@ -1,0 +1,228 @@
+"""Embedding extraction shared by evaluate.py, train.py (dev EER) and the Python API (asv.embed/asv.verify).
+
+Each whole utterance is embedded once, in length-sorted batches under a padded-samples budget; masks
+run through the upstream, featurizer and pooling, so an embedding does not depend on its batch. Batches
+are dealt to processes with Accelerate and gathered. Per checkpoint, embeddings are cached in
+`embeddings.npz`:
+
+  ids          (N,) str     utterance ids as the trial lists name them
+  paths        (N,) str     wav paths: the cache key, so the same audio under two ids is embedded once
+  embeddings   (N, E) f32   raw (not L2-normalised) downstream outputs
+  fingerprint  ()   str     sha256 of the checkpoint's config.yaml + embedder.safetensors (+ the test
+                            effects and the frozen upstream file's size/mtime); a mismatch discards the cache
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from asv.checkpoint import CheckpointError, check_weights_match
+from asv.config import load_train_config
+from asv.data import EvalDataset, collate_eval, length_buckets
+from asv.models import XVECTOR_LENGTH_REDUCTION, build_speaker_model
+from asv.upstream import UpstreamError, build_upstream, upstream_forward
+
+CACHE_VERSION = 1
+
+
+class ModelEmbedder:
+    """Whole utterances -> embeddings through an upstream and a SpeakerModel (e.g. the one training)."""
+
+    def __init__(self, upstream, model):
+        self.upstream, self.model = upstream, model
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest input giving the x-vector its XVECTOR_LENGTH_REDUCTION + 1 upstream frames; shorter test
+        audio is wrap-padded to it (EvalDataset), so it still gets a finite embedding."""
+        return XVECTOR_LENGTH_REDUCTION * max(self.upstream.downsample_rates) + 1
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.downstream.output_size
+
+    @torch.inference_mode()
+    def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
+        hidden, hidden_len = upstream_forward(self.upstream, wav, wav_len)
+        return self.model.embed(hidden, hidden_len)
+
+
+class Embedder(ModelEmbedder):
+    """Upstream + trained featurizer/downstream of one checkpoint, in eval mode."""
+
+    def __init__(self, ckpt: Path, device="cpu", upstream_cache: dict | None = None):
+        self.ckpt = Path(ckpt)
+        self.cfg = load_config_or_die(self.ckpt)
+        upstream_cache = {} if upstream_cache is None else upstream_cache
+        m = self.cfg.model
+        key = (m.upstream, m.upstream_ckpt, m.upstream_normalize)
+        if key not in upstream_cache or m.upstream_trainable:  # frozen upstreams are shared across checkpoints
+            upstream_cache.clear()
+            try:
+                upstream_cache[key] = build_upstream(*key).to(device)
+            except UpstreamError as err:
+                raise SystemExit(f"error: {err}") from None
+        self.upstream = upstream_cache[key]
+        self.model = build_speaker_model(m, self.cfg.loss, self.upstream, num_classes=1)
+        expected = self.model.embedder_state_dict()
+        if m.upstream_trainable:  # fine-tuned upstream weights travel in the embedder file
+            expected.update({f"upstream.{k}": v for k, v in self.upstream.state_dict().items()})
+        try:  # names and shapes first: a checkpoint of another upstream or head fails with one line
+            what = f"the model its config.yaml describes (upstream {m.upstream})"
+            check_weights_match(self.ckpt / "embedder.safetensors", expected, what)
+        except CheckpointError as err:
+            raise SystemExit(f"error: {err}") from None
+        state = load_file(self.ckpt / "embedder.safetensors")
+        if m.upstream_trainable:
+            self.upstream.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("upstream.")})
+            state = {k: v for k, v in state.items() if not k.startswith("upstream.")}
+        self.model.load_state_dict(state, strict=False)  # strict but for the head, which evaluation drops
+        self.model.to(device).eval()
+        self.test_effects = self.cfg.data.test_effects
+
+    def fingerprint(self, effects: bool) -> str:
+        h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "effects": effects}).encode())
+        for name in ("config.yaml", "embedder.safetensors"):
+            with open(self.ckpt / name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        up = self.cfg.model.upstream_ckpt
+        if up and os.path.exists(up):  # a frozen upstream file replaced under the same name changes embeddings
+            st = os.stat(up)
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+
+def load_config_or_die(ckpt: Path):
+    try:
+        return load_train_config(Path(ckpt) / "config.yaml")
+    except (OSError, TypeError, ValueError, AttributeError) as err:
+        raise SystemExit(f"error: {Path(ckpt) / 'config.yaml'} is not a train.py config ({err})") from None
+
+
+def audio_lengths(paths: list[str]) -> dict[str, int]:
+    """Samples per file from the headers (no decode): what the batcher sorts by."""
+    lengths = {}
+    for p in dict.fromkeys(paths):
+        try:
+            lengths[p] = sf.info(p).frames
+        except (sf.LibsndfileError, RuntimeError, OSError) as err:
+            raise SystemExit(
+                f"error: {p} is unreadable ({err}); re-run prepare.py, which drops trials of bad files"
+            ) from None
+    return lengths
+
+
+def length_sorted_batches(lengths: list[int], max_frames: int) -> list[list[int]]:
+    """Length-sorted batches of at most max_frames padded samples, in a fixed shuffled order: contiguous
+    chunks of it (split_between_processes) then carry similar work. Raw lengths bound the VAD'd ones."""
+    batches = length_buckets(lengths, max_frames)
+    return [batches[i] for i in np.random.default_rng(0).permutation(len(batches))]
+
+
+def embed_all(
+    embedder: Embedder,
+    dataset: EvalDataset,
+    batches: list[list[int]],
+    accelerator: Accelerator | None = None,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """(N, E) embeddings in dataset order, each whole utterance once, batch by batch.
+
+    With an accelerator, batches are dealt to processes with split_between_processes (no padding, so
+    no duplicates) and the results gathered as objects on every rank.
+    """
+    device = accelerator.device if accelerator else next(embedder.model.parameters()).device
+    out = np.zeros((len(dataset), embedder.embed_dim), dtype=np.float32)
+
+    def run(my_batches) -> list:
+        loader = DataLoader(dataset, batch_sampler=my_batches, collate_fn=collate_eval, num_workers=num_workers)
+        return [
+            (idx.numpy(), embedder(wav.to(device), wav_len.to(device)).float().cpu().numpy())
+            for idx, wav, wav_len in loader
+        ]
+
+    if accelerator is None or accelerator.num_processes == 1:
+        parts = run(batches)
+    else:
+        with accelerator.split_between_processes(batches) as my_batches:
+            mine = run(my_batches)
+        parts = gather_object(mine)
+    for idx, emb in parts:
+        out[idx] = emb
+    return out
+
+
+def load_cache(path: Path, fingerprint: str) -> dict[str, tuple[str, np.ndarray]]:
+    """{wav_path: (id, embedding)} from a cache file written for this exact checkpoint, else empty."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != fingerprint:
+                return {}
+            return {p: (i, e) for i, p, e in zip(z["ids"], z["paths"], z["embeddings"], strict=True)}
+    except (OSError, ValueError, KeyError):  # a torn or foreign file is only a cache: rebuild it
+        return {}
+
+
+def save_cache(path: Path, fingerprint: str, entries: dict[str, tuple[str, np.ndarray]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paths = sorted(entries)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(
+        tmp,
+        ids=np.array([entries[p][0] for p in paths], dtype=str),
+        paths=np.array(paths, dtype=str),
+        embeddings=np.stack([entries[p][1] for p in paths]).astype(np.float32),
+        fingerprint=np.array(fingerprint),
+    )
+    tmp.replace(path)
+
+
+def embed_cached(
+    embedder: Embedder,
+    items: list[tuple[str, str]],
+    lengths: dict[str, int],
+    cache_file: Path | None,
+    effects: bool,
+    accelerator: Accelerator | None = None,
+    max_frames: int = 400_000,
+    num_workers: int = 0,
+) -> dict[str, np.ndarray]:
+    """{wav_path: embedding} for every (id, wav_path) in items, embedding only what the cache lacks."""
+    fingerprint = embedder.fingerprint(effects) if cache_file else ""
+    entries = load_cache(cache_file, fingerprint) if cache_file else {}
+    todo = list({p: (i, p) for i, p in items if p not in entries}.values())
+    if todo:
+        batches = length_sorted_batches([lengths[p] for _, p in todo], max_frames)
+        dataset = EvalDataset(todo, effects=effects, min_samples=embedder.min_samples)
+        emb = embed_all(embedder, dataset, batches, accelerator, num_workers)
+        entries.update({p: (i, e) for (i, p), e in zip(todo, emb, strict=True)})
+        if cache_file and (accelerator is None or accelerator.is_main_process):
+            save_cache(cache_file, fingerprint, entries)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+    return {p: e for p, (_, e) in entries.items()}
+
+
+def export_embeddings(path: Path, items: list[tuple[str, str]], vectors: dict[str, np.ndarray]) -> None:
+    """Write ids, paths and embeddings (the cache format, without a fingerprint) for use outside the recipe."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        ids=np.array([i for i, _ in items], dtype=str),
+        paths=np.array([p for _, p in items], dtype=str),
+        embeddings=np.stack([vectors[p] for _, p in items]).astype(np.float32),
+    )

@@ -1,0 +1,169 @@
+"""Training robustness: SIGKILL and preemption resume exactly, guards skip and abort, batch arithmetic, sweeps."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from asv.config import TrainConfig, parse
+from tests.conftest import ROOT
+from tests.test_pipeline import TINY_CORPUS, TRAIN, losses, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("training")
+    run(["prepare.py", "--dataset_root", str(tmp / "corpus"), "--out_dir", str(tmp / "data"), *TINY_CORPUS])
+    return tmp / "data"
+
+
+def start(args):
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def wait_for(predicate, proc, timeout=300):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early:\n{proc.stdout.read()[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def test_sigkill_at_any_point_then_resume_reproduces_the_loss_log(tmp_path, data_dir):
+    base = ["train.py", *TRAIN, "--data_dir", str(data_dir), "--total_steps", "8", "--save_step", "3"]
+    run([*base, "--exp_dir", str(tmp_path / "ref")])
+    exp = tmp_path / "killed"
+    proc = start([*base, "--exp_dir", str(exp)])
+    # Kill as soon as the first checkpoint is complete: the run has usually logged past it by then.
+    wait_for(lambda: (exp / "step-3" / "train_state.json").is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run([*base, "--exp_dir", str(exp)])
+    assert "resumed from" in out.stdout
+    assert losses(exp) == losses(tmp_path / "ref")  # identical values, no duplicated steps
+
+
+def test_sigterm_saves_a_checkpoint_exits_0_and_resumes(tmp_path, data_dir):
+    exp = tmp_path / "preempted"
+    base = ["train.py", *TRAIN, "--data_dir", str(data_dir), "--exp_dir", str(exp), "--save_step", "1000"]
+    proc = start([*base, "--total_steps", "1000"])
+    wait_for(lambda: (exp / "train_log.jsonl").is_file() and len(losses(exp)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-2000:]
+    assert "saved step" in output
+    step = json.loads(next(exp.glob("step-*/train_state.json")).read_text())["step"]
+    assert step >= 2 and step < 1000
+    out = run([*base, "--total_steps", str(step + 2)])
+    assert f"at step {step}" in out.stdout and [s for s, _ in losses(exp)] == list(range(1, step + 3))
+
+
+def test_non_finite_losses_are_skipped_counted_and_abort_when_persistent(tmp_path, data_dir, monkeypatch):
+    import train
+    from asv.models import SpeakerModel
+
+    forward = SpeakerModel.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args):
+        loss, logits = forward(self, *args)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] in nan_calls else loss), logits
+
+    monkeypatch.setattr(SpeakerModel, "forward", sometimes_nan)
+    common = [*TRAIN, "--data_dir", str(data_dir), "--save_step", "100", "--eval_dev", "false"]
+    nan_calls = {3}  # the 2nd update's first batch (2 batches per update)
+    exp = train.main([*common, "--exp_dir", str(tmp_path / "a"), "--total_steps", "4"])
+    summary = json.loads((exp / "train_summary.json").read_text())
+    assert summary["skipped_updates"] == 1 and summary["steps"] == 4
+    logged = [json.loads(r) for r in (exp / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["train/loss"] == r["train/loss"] for r in logged)  # the NaN batch is not in the mean
+
+    nan_calls = set(range(1000))
+    calls["n"] = 0
+    with pytest.raises(SystemExit, match="3 updates in a row skipped"):
+        train.main([*common, "--exp_dir", str(tmp_path / "b"), "--total_steps", "10", "--max_consecutive_skips", "3"])
+
+
+def test_effective_batch_sets_accumulation_or_says_why_not(tmp_path, data_dir):
+    common = ["train.py", *TRAIN, "--data_dir", str(data_dir), "--total_steps", "1", "--eval_dev", "false"]
+    out = run([*common, "--exp_dir", str(tmp_path / "a"), "--effective_batch", "12", "--batch_size", "4"])
+    assert "effective batch 12 = 4 per device x 1 processes x 3 accumulation" in out.stdout
+    bad = run([*common, "--exp_dir", str(tmp_path / "b"), "--effective_batch", "10", "--batch_size", "4"], check=False)
+    assert bad.returncode != 0 and "--effective_batch 10" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_dev_eer_is_logged_at_each_checkpoint_and_sweep_runs_get_their_own_directory(tmp_path, data_dir):
+    exp = tmp_path / "sweep"
+    env = {"WANDB_SWEEP_ID": "abc123", "WANDB_RUN_ID": "run7"}
+    run(
+        ["train.py", *TRAIN, "--data_dir", str(data_dir), "--exp_dir", str(exp), "--total_steps", "2"]
+        + ["--save_step", "1"],
+        env=env,
+    )
+    trial = exp / "sweep-abc123-run7"
+    records = [json.loads(r) for r in (trial / "train_log.jsonl").read_text().splitlines()]
+    dev = [(r["step"], r["dev/eer"]) for r in records if "dev/eer" in r]
+    assert [s for s, _ in dev] == [1, 2] and all(0 <= e <= 100 for _, e in dev)
+
+
+def test_sweep_agent_arguments_parse():
+    # `wandb agent` passes --key=value pairs (sweeps/*.yaml use ${args}).
+    cfg, _ = parse(TrainConfig, ["--lr=0.0003", "--batch_size=20", "--upstream_trainable=true", "--margin=0.2"])
+    assert (cfg.optim.lr, cfg.data.batch_size, cfg.model.upstream_trainable, cfg.loss.margin) == (3e-4, 20, True, 0.2)
+    import yaml
+
+    for name in ("lr.yaml", "lr_batch.yaml"):
+        sweep = yaml.safe_load((ROOT / "sweeps" / name).read_text())
+        assert sweep["metric"] == {"name": "dev/eer", "goal": "minimize"}
+        args = [
+            f"--{k}={v['values'][0] if 'values' in v else v.get('min', v.get('value'))}"
+            for k, v in sweep["parameters"].items()
+        ]
+        parse(TrainConfig, args)  # every swept key is a real flag
+
+
+def test_layerdrop_off_and_gradient_checkpointing_keep_results():
+    from asv.upstream import disable_layerdrop, enable_gradient_checkpointing
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x, scale=1.0):
+            return torch.tanh(self.fc(x)) * scale
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layerdrop = 0.1
+            self.layers = torch.nn.ModuleList([Layer() for _ in range(3)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x, scale=0.9)
+            return x
+
+    torch.manual_seed(0)
+    enc = Encoder()
+    x = torch.randn(4, 8)
+    enc(x).sum().backward()
+    ref = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad()
+    assert disable_layerdrop(enc) == 1 and enc.layerdrop == 0.0
+    assert enable_gradient_checkpointing(enc) == 3
+    enc(x).sum().backward()
+    for a, b in zip(ref, [p.grad for p in enc.parameters()], strict=True):
+        torch.testing.assert_close(a, b)
