@@ -46,7 +46,8 @@ class ModelEmbedder:
     def min_samples(self) -> int:
         """Shortest input giving the x-vector its XVECTOR_LENGTH_REDUCTION + 1 upstream frames; shorter test
         audio is wrap-padded to it (EvalDataset), so it still gets a finite embedding."""
-        return XVECTOR_LENGTH_REDUCTION * max(self.upstream.downsample_rates) + 1
+        upstream = getattr(self.upstream, "module", self.upstream)  # a fine-tuned upstream may be DDP-wrapped
+        return XVECTOR_LENGTH_REDUCTION * max(upstream.downsample_rates) + 1
 
     @property
     def embed_dim(self) -> int:
