@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 
 import numpy as np
 import soundfile as sf
@@ -108,6 +109,8 @@ def install() -> None:
     replacing an earlier stub still works for s3prl's loader, which looks the function up at call time."""
     if not hasattr(torchaudio, "set_audio_backend"):
         torchaudio.set_audio_backend = lambda *args, **kwargs: None
+    # s3prl.problem imports dcase_util, which imports pkg_resources (hence setuptools<81) and warns about it.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     if getattr(sys.modules.get("torchaudio.sox_effects"), "__superb_asv_shim__", False):
         return
     shim = types.ModuleType("torchaudio.sox_effects")
