@@ -236,6 +236,11 @@ def main(argv: list[str] | None = None) -> float:
         seconds = time_floor(embedder, loaded)
         floor_times.append(seconds)
         print(f"  run {r + 1}: floor {len(utts) / seconds:.1f} utt/s ({seconds:.1f} s)", flush=True)
+        print(
+            f"  run {r + 1}: ours/s3prl {s3_times[-1] / our_times[-1]:.2f}x, "
+            f"ours time {our_times[-1] / floor_times[-1]:.2f}x the floor's",
+            flush=True,
+        )
 
     s3_rate, our_rate, floor_rate = (len(utts) / min(t) for t in (s3_times, our_times, floor_times))
     print(f"s3prl SuperbASV stage 3 : {s3_rate:6.1f} utterances/s  EER {s3_eer:.3f}%")

@@ -77,15 +77,19 @@ def run_s3prl(work: Path, updates: int, warmup: int):
     return rate, counted, wall, memory
 
 
+def our_python() -> str:
+    """The project's own venv where it exists: our training must not need the s3prl runner extras."""
+    python = ROOT / ".venv/bin/python"
+    return str(python if python.exists() else sys.executable)
+
+
 def run_ours(work: Path, updates: int, warmup: int):
     exp = work / "ours"
     shutil.rmtree(exp, ignore_errors=True)
     step_log = work / "ours_steps.txt"
     step_log.unlink(missing_ok=True)
     total = updates + warmup
-    # The project's own venv where it exists: our training must not need the s3prl runner extras.
-    python = ROOT / ".venv/bin/python"
-    args = [str(python if python.exists() else sys.executable), "-m", "bench.runner", "script", "train.py"]
+    args = [our_python(), "-m", "bench.runner", "script", "train.py"]
     args += ["--data_dir", str(DATA_DIR), "--exp_dir", str(exp), "--upstream", "fbank"]
     args += ["--batch_size", str(BATCH_SIZE), "--gradient_accumulate", "1", "--num_workers", str(WORKERS)]
     args += ["--total_steps", str(total), "--log_step", str(total), "--save_step", str(total)]
@@ -95,25 +99,28 @@ def run_ours(work: Path, updates: int, warmup: int):
     return rate, counted, wall, memory
 
 
-def floor_updates_per_second(steps: int, warmup: int) -> float:
-    """Our training step on pre-loaded batches (no DataLoader): the compute floor, in updates/s."""
+def floor_updates_per_second(first_batch: int, count: int, warmup: int = 2) -> float:
+    """Our training step on pre-loaded batches (no DataLoader): the compute floor, in updates/s.
+
+    The batches are exactly the ones our timed run trained on (train.py's sampler and crops are keyed by
+    seed 0, epoch 0 and the item), so the floor and our run see the same shapes; s3prl's sampler draws
+    other batches of the same data.
+    """
     from train import build_optimizer_and_scheduler
 
     cfg = TrainConfig()  # SUPERB defaults: x-vector, AM-softmax 0.4/30, AdamW 1e-4, clip 1000
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.run.seed)
     upstream = build_upstream("fbank")
-    dataset, speakers, _ = load_train_set(DATA_DIR, cfg.data.min_secs, cfg.data.max_secs, seed=0)
+    dataset, speakers, _ = load_train_set(DATA_DIR, cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed)
     model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=len(speakers))
     optimizer, _ = build_optimizer_and_scheduler(cfg.optim, [model])
-    keys = list(EpochSampler(len(dataset), seed=0))
-    batches = [
-        collate_train([dataset[k] for k in keys[i : i + BATCH_SIZE]]) for i in range(0, 8 * BATCH_SIZE, BATCH_SIZE)
-    ]
+    keys = list(EpochSampler(len(dataset), cfg.run.seed))
+    ranges = [range(b * BATCH_SIZE, (b + 1) * BATCH_SIZE) for b in range(first_batch, first_batch + count)]
+    batches = [collate_train([dataset[keys[k]] for k in r]) for r in ranges]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
-    times = []
-    for i in range(warmup + steps):
-        wav, wav_len, labels = batches[i % len(batches)]
+    seconds = 0.0
+    for i, (wav, wav_len, labels) in enumerate(batches[:warmup] + batches):  # the first `warmup` untimed
         t0 = time.perf_counter()
         hidden, hidden_len = upstream_forward(upstream, wav, wav_len)
         loss, _ = model(hidden, hidden_len, labels)
@@ -121,8 +128,9 @@ def floor_updates_per_second(steps: int, warmup: int) -> float:
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.gradient_clipping)
         optimizer.step()
         optimizer.zero_grad()
-        times.append(time.perf_counter() - t0)
-    return len(times[warmup:]) / sum(times[warmup:])
+        if i >= warmup:
+            seconds += time.perf_counter() - t0
+    return count / seconds
 
 
 def shim_parity(files: int) -> int:
@@ -180,8 +188,13 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--quick", action="store_true", help="smoke run: a few updates per side")
     parser.add_argument("--updates", type=int, default=40, help="timed optimizer updates per side")
     parser.add_argument("--warmup", type=int, default=5, help="updates before timing starts")
+    parser.add_argument("--floor_json", help=argparse.SUPPRESS)  # internal: measure the floor only, write it here
     args = parser.parse_args(argv)
     updates, warmup = (4, 2) if args.quick else (args.updates, args.warmup)
+    if args.floor_json:
+        rate = floor_updates_per_second(args.warmup, args.updates)
+        Path(args.floor_json).write_text(json.dumps({"updates_per_s": rate}))
+        return rate
     work = WORK / ("train_quick" if args.quick else "train")
 
     print(machine_banner())
@@ -206,8 +219,19 @@ def main(argv: list[str] | None = None) -> float:
         f"peak RSS {gib(our_mem.peak_main)} (tree {gib(our_mem.peak_tree)}); child wall {our_wall:.0f} s",
         flush=True,
     )
-    floor = floor_updates_per_second(3 if args.quick else 15, 2)
-    print(f"floor           : {floor:.3f} updates/s ({1 / floor:.2f} s/update: fwd+bwd+step, pre-loaded batches)")
+    # In a child on the project's venv too, like our run: the bench process has imported librosa/numba and
+    # s3prl (the shim check), and the floor should not depend on what else shares its process.
+    floor_file = work / "floor.json"
+    run_child(
+        [our_python(), "-m", "bench.train_speed", "--floor_json", str(floor_file), "--warmup", str(warmup)]
+        + ["--updates", str(updates)],
+        work / "floor.log",
+    )
+    floor = json.loads(floor_file.read_text())["updates_per_s"]
+    print(
+        f"floor           : {floor:.3f} updates/s ({1 / floor:.2f} s/update: fwd+bwd+clip+step on our run's "
+        f"{updates} timed batches, pre-loaded)"
+    )
 
     decode = decode_cost_per_crop(work / "decode", 3 if args.quick else 15)
     (short, t_short), (long, t_long) = sorted(decode.items())
