@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV=.venv-bench
 STAMP=$VENV/.stamp
 [[ -x .venv/bin/python ]] || { echo "[bench] .venv missing: run 'make setup' first"; exit 1; }
-want=$(cat bench/setup.sh bench/requirements.txt .venv/.stamp 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$({ cat bench/setup.sh bench/requirements.txt; cat .venv/.stamp 2>/dev/null || true; } | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && "$(cat $STAMP)" == "$want" ]]; then
   exit 0
 fi
