@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both build .venv once (make setup).
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast lint clean-demo
+.PHONY: setup demo test test-fast lint clean-demo bench
 
 setup:
 	@bash tools/setup_venv.sh
@@ -23,3 +23,11 @@ lint: setup
 
 clean-demo:
 	rm -rf data/demo data/demo_corpus exp/demo
+
+# Speed benches against s3prl's own SuperbASV runner, side by side on the demo data (bench/README.md). They run
+# in .venv-bench (bench/setup.sh: .venv plus the runner's extra packages), so .venv and the tests never need them.
+BPY := .venv-bench/bin/python
+bench: setup
+	@bash bench/setup.sh
+	$(BPY) -m bench.train_speed
+	$(BPY) -m bench.eval_speed --ckpt_dir exp/bench/train/ours

@@ -1,0 +1,52 @@
+"""Run one side of a benchmark in a child process: s3prl's own CLI, or one of our scripts.
+
+    .venv-bench/bin/python -m bench.runner s3prl SuperbASV --target_dir DIR --cache_dir DIR ...
+    .venv-bench/bin/python -m bench.runner script train.py --data_dir data/demo ...
+
+`s3prl` installs the torchaudio sox shim (bench/s3prl_shim.py) and then runs exactly what
+`python -m s3prl.main PROBLEM ...` runs. `script` runs a script of ours as `__main__`, with no shim: our
+code must not need it. With BENCH_STEP_LOG=FILE in the environment, every optimizer step appends its
+time.monotonic() to FILE, so both sides' update rates are measured the same way (the timestamps include
+data-loading stalls, as a user sees them, and exclude start-up and the first-run caches).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import time
+
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+
+def record_optimizer_steps(path: str) -> None:
+    """Append a timestamp per optimizer step (any optimizer) to `path`, one per line, flushed at once."""
+    log = open(path, "a", buffering=1)  # noqa: SIM115  (kept open for the life of the process)
+
+    def hook(optimizer, args, kwargs):
+        log.write(f"{time.monotonic():.6f}\n")
+
+    register_optimizer_step_post_hook(hook)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[0] not in ("s3prl", "script"):
+        raise SystemExit("usage: python -m bench.runner {s3prl PROBLEM | script FILE.py} [args ...]")
+    if os.environ.get("BENCH_STEP_LOG"):
+        record_optimizer_steps(os.environ["BENCH_STEP_LOG"])
+    mode, target, args = argv[0], argv[1], argv[2:]
+    if mode == "s3prl":
+        from bench import s3prl_shim
+
+        s3prl_shim.install()
+        from s3prl import problem
+
+        getattr(problem, target)().main(args)  # what s3prl/main.py does
+    else:
+        sys.argv = [target, *args]
+        runpy.run_path(target, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
