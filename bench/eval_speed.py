@@ -47,12 +47,13 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from asv.config import TrainConfig, load_train_config, parse, save_config  # noqa: E402
 from asv.data import EvalDataset, collate_eval, read_trials_csv, unique_utterances  # noqa: E402
-from asv.models import build_speaker_model  # noqa: E402
-from asv.upstream import build_upstream  # noqa: E402
 
-# Our evaluation machinery, imported in this one place (Embedder, embed_all and length_sorted_batches are
-# moving to asv/embed.py with the same signatures).
-from evaluate import Embedder, cosine_scores, embed_all, length_sorted_batches, metrics  # noqa: E402
+# Our evaluation machinery (asv/extract.py), imported in this one place.
+from asv.extract import Embedder, audio_lengths, embed_all, length_sorted_batches  # noqa: E402
+from asv.models import build_speaker_model  # noqa: E402
+from asv.scoring import cosine_scores  # noqa: E402
+from asv.upstream import build_upstream  # noqa: E402
+from evaluate import metrics  # noqa: E402
 
 WORKERS = 2
 # Issue targets on this CPU class (2-core Zen 3): >= 1.6x s3prl, and within 1.25x of the floor.
@@ -149,18 +150,23 @@ def time_ours(ckpt: Path, utts, trials, accelerator, max_frames: int) -> tuple[f
     """(seconds, EER %) of our evaluation of one checkpoint: what evaluate.py's main does per checkpoint."""
     t0 = time.perf_counter()
     embedder = Embedder(ckpt, accelerator.device, {})
-    batches = length_sorted_batches(utts, max_frames)
-    emb = embed_all(embedder, EvalDataset(utts, effects=False), batches, accelerator, WORKERS)
-    index = {u: i for i, (u, _) in enumerate(utts)}
-    eer = metrics(cosine_scores(emb, index, trials), np.array([t.label for t in trials]))["eer"]
+    lengths = audio_lengths([p for _, p in utts])
+    batches = length_sorted_batches([lengths[p] for _, p in utts], max_frames)
+    dataset = EvalDataset(utts, effects=False, min_samples=embedder.min_samples)
+    emb = embed_all(embedder, dataset, batches, accelerator, WORKERS)
+    index = {p: i for i, (_, p) in enumerate(utts)}
+    scores = cosine_scores(emb[[index[t.wav_path1] for t in trials]], emb[[index[t.wav_path2] for t in trials]])
+    eer = metrics(scores, np.array([t.label for t in trials]))["eer"]
     return time.perf_counter() - t0, eer
 
 
 def preload(ckpt: Path, utts, accelerator, max_frames: int):
     """(embedder, batches) for the floor: every test utterance read and collated in our batches up front."""
     embedder = Embedder(ckpt, accelerator.device, {})
-    dataset = EvalDataset(utts, effects=False)
-    loaded = [collate_eval([dataset[i] for i in b]) for b in length_sorted_batches(utts, max_frames)]
+    dataset = EvalDataset(utts, effects=False, min_samples=embedder.min_samples)
+    lengths = audio_lengths([p for _, p in utts])
+    batches = length_sorted_batches([lengths[p] for _, p in utts], max_frames)
+    loaded = [collate_eval([dataset[i] for i in b]) for b in batches]
     embedder(loaded[0][1], loaded[0][2])  # warm-up
     return embedder, loaded
 

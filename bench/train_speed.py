@@ -44,7 +44,7 @@ from asv.data import (  # noqa: E402
     write_csv,
 )
 from asv.models import build_speaker_model  # noqa: E402
-from asv.upstream import build_upstream, upstream_forward  # noqa: E402
+from asv.upstream import build_upstream, trainable_inputs, upstream_forward  # noqa: E402
 
 BATCH_SIZE, WORKERS = 10, 2
 # Issue targets on this CPU class (2-core Zen 3): >= 1.8x s3prl, and within 1.25x of the fp32 floor.
@@ -113,7 +113,7 @@ def floor_updates_per_second(first_batch: int, count: int, warmup: int = 2) -> f
     upstream = build_upstream("fbank")
     dataset, speakers, _ = load_train_set(DATA_DIR, cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed)
     model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=len(speakers))
-    optimizer, _ = build_optimizer_and_scheduler(cfg.optim, [model])
+    optimizer, _ = build_optimizer_and_scheduler(cfg.optim, model, None)
     keys = list(EpochSampler(len(dataset), cfg.run.seed))
     ranges = [range(b * BATCH_SIZE, (b + 1) * BATCH_SIZE) for b in range(first_batch, first_batch + count)]
     batches = [collate_train([dataset[keys[k]] for k in r]) for r in ranges]
@@ -122,7 +122,7 @@ def floor_updates_per_second(first_batch: int, count: int, warmup: int = 2) -> f
     seconds = 0.0
     for i, (wav, wav_len, labels) in enumerate(batches[:warmup] + batches):  # the first `warmup` untimed
         t0 = time.perf_counter()
-        hidden, hidden_len = upstream_forward(upstream, wav, wav_len)
+        hidden, hidden_len = trainable_inputs(*upstream_forward(upstream, wav, wav_len))
         loss, _ = model(hidden, hidden_len, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.gradient_clipping)
