@@ -236,11 +236,13 @@ def train(cfg: TrainConfig) -> Path:
     skipped_updates, t_log, t_start, last_saved = 0, time.time(), time.time(), state.step
     model.train()
     upstream.train(finetune)
+    head = accelerator.unwrap_model(model).head  # its margin schedule follows the global step
     while state.step < cfg.run.total_steps:
         loader.set_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for wav, wav_len, labels in epoch_loader:
             state.batch_in_epoch += 1
+            head.set_step(state.step)
             with accelerator.accumulate(model, *([upstream] if finetune else [])):
                 with accelerator.autocast() if upstream_autocast else torch.autocast(wav.device.type, enabled=False):
                     if finetune:

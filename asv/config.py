@@ -70,12 +70,20 @@ class ModelConfig:
 class LossConfig:
     """Speaker-classification head."""
 
-    # Loss by name (registry asv.losses.LOSSES).
+    # Loss by name (registry asv.losses.LOSSES): amsoftmax | aamsoftmax | subcenter_aam | softmax.
     loss: str = "amsoftmax"
-    # Additive cosine margin (used by: amsoftmax).
+    # Margin: additive cosine margin for amsoftmax, additive angle in radians for aamsoftmax and
+    # subcenter_aam (s3prl's legacy AAM used 0.3, WeSpeaker 0.2).
     margin: float = 0.4
-    # Logit scale (used by: amsoftmax).
+    # Logit scale (used by: amsoftmax, aamsoftmax, subcenter_aam).
     scale: float = 30.0
+    # Apply the angular margin only where the target cosine is positive (used by: aamsoftmax, subcenter_aam).
+    easy_margin: bool = False
+    # Centres per speaker (used by: subcenter_aam; WeSpeaker and ESPnet use 3).
+    subcenters: int = 3
+    # Ramp the margin linearly from 0 to --margin over this many optimizer updates (0: fixed margin;
+    # used by: amsoftmax, aamsoftmax, subcenter_aam).
+    margin_warmup_steps: int = 0
 
 
 @dataclass

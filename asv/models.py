@@ -147,5 +147,5 @@ def build_speaker_model(model_cfg, loss_cfg, upstream, num_classes: int) -> Spea
         dropout_p=model_cfg.dropout_p,
         batch_norm=model_cfg.batch_norm,
     )
-    head = build_loss(loss_cfg.loss, model_cfg.embed_dim, num_classes, loss_cfg.margin, loss_cfg.scale)
+    head = build_loss(loss_cfg, model_cfg.embed_dim, num_classes)
     return SpeakerModel(featurizer, downstream, head)

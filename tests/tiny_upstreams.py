@@ -49,7 +49,10 @@ def build_wav2vec2(path: Path) -> None:
 
     cfg = Wav2Vec2Config(**_ENCODER, latent_vars=16, latent_groups=2, latent_dim=16)
     model = Wav2Vec2Model(cfg)
-    torch.save({"task_cfg": _plain(AudioPretrainingConfig()), "model_cfg": _plain(cfg), "model_weight": model.state_dict()}, path)
+    torch.save(
+        {"task_cfg": _plain(AudioPretrainingConfig()), "model_cfg": _plain(cfg), "model_weight": model.state_dict()},
+        path,
+    )
 
 
 def build_hubert(path: Path) -> None:
