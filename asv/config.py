@@ -52,18 +52,20 @@ class ModelConfig:
     layer_selections: list[int] | None = None
     # Layer-normalise hidden states before the weighted sum (Featurizer `normalize`; SUPERB: off).
     featurizer_normalize: bool = False
-    # Downstream model by name (registry asv.models.DOWNSTREAMS).
+    # Downstream model by name (registry asv.models.DOWNSTREAMS): xvector (SUPERB) | ecapa (ECAPA-TDNN).
     downstream: str = "xvector"
-    # Speaker embedding size.
+    # Speaker embedding size (ECAPA-TDNN papers use 192).
     embed_dim: int = 512
-    # Width of the projector and TDNN layers.
+    # Width of the projector and TDNN layers (used by: xvector).
     hidden_size: int = 512
-    # Width of the last TDNN layer, before statistics pooling.
+    # Width of the last TDNN layer, before statistics pooling (used by: xvector).
     aggregation_size: int = 1500
-    # Dropout after each TDNN layer.
+    # Dropout after each TDNN layer (used by: xvector).
     dropout_p: float = 0.0
-    # BatchNorm after each TDNN layer.
+    # BatchNorm after each TDNN layer (used by: xvector; ecapa always has it).
     batch_norm: bool = False
+    # Channels C of the SE-Res2Blocks (used by: ecapa; the paper's 512 and 1024).
+    ecapa_channels: int = 512
 
 
 @dataclass
