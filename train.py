@@ -28,6 +28,7 @@ from accelerate.utils import GradientAccumulationPlugin, set_seed
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from asv.augment import AugmentError, build_augmenter
 from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
 from asv.data import EpochSampler, collate_train, load_train_set
 from asv.models import build_speaker_model
@@ -146,13 +147,14 @@ def train(cfg: TrainConfig) -> Path:
     # ---- data, model, optimizer
     try:
         upstream = build_upstream(cfg.model.upstream, cfg.model.upstream_ckpt, cfg.model.upstream_normalize)
-    except UpstreamError as err:
+        augment = build_augmenter(cfg.data)  # None unless an augmentation flag is set
+    except (UpstreamError, AugmentError) as err:
         raise SystemExit(f"error: {err}") from None
     upstream.to(accelerator.device)
     finetune = cfg.model.upstream_trainable
     upstream.requires_grad_(finetune)
     dataset, speakers, stats = load_train_set(
-        Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed
+        Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed, augment
     )
     model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=len(speakers))
     optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, [model, upstream] if finetune else [model])

@@ -32,6 +32,19 @@ class DataConfig:
     # Also apply the training gain and VAD to test audio, as the SUPERB paper's legacy recipe did
     # (s3prl's current SuperbASV scores raw audio: the default).
     test_effects: bool = False
+    # Augmentation is off by default (SUPERB trains on clean audio). Directory of noise .wav files,
+    # searched recursively (e.g. MUSAN's noise/ music/ speech/), added at a random SNR.
+    noise_dir: str | None = None
+    # Lowest SNR of the added noise, in dB (drawn uniformly between the two; NeMo: 0 to 15).
+    noise_snr_min_db: float = 0.0
+    # Highest SNR of the added noise, in dB.
+    noise_snr_max_db: float = 15.0
+    # Directory of room impulse response .wav files, searched recursively (e.g. RIRS_NOISES/simulated_rirs).
+    rir_dir: str | None = None
+    # Probability of reverberating, and independently of adding noise, to each training crop (WeSpeaker: 0.6).
+    aug_prob: float = 0.6
+    # Speed perturbation: play each training utterance at 0.9, 1.0 or 1.1 times speed (uniformly), same speaker.
+    speed_perturb: bool = False
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from asv.audio import SAMPLE_RATE, apply_gain, keep_intervals, load_audio, random_crop, sox_silence, speech_intervals
+from asv.augment import Augmenter, speed_perturb
 
 TRAIN_FIELDS = ["id", "wav_path", "spk", "num_samples"]
 TRIAL_FIELDS = ["id1", "id2", "wav_path1", "wav_path2", "label"]
@@ -143,7 +144,9 @@ class TrainDataset(Dataset):
 
     The crop is drawn from an RNG keyed by (seed, epoch, index): crops differ between epochs, do not
     depend on which worker loads the item (s3prl replays the same stream every epoch), and a resumed
-    run draws exactly the crops the uninterrupted run would have.
+    run draws exactly the crops the uninterrupted run would have. The optional augmentation (asv.augment,
+    off by default) draws from its own stream keyed the same way plus a constant, so it is reproducible
+    too and switching it on leaves the crop stream alone.
     """
 
     def __init__(
@@ -154,9 +157,10 @@ class TrainDataset(Dataset):
         gain_db: float,
         max_secs: float,
         seed: int,
+        augment: Augmenter | None = None,
     ):
         self.utterances, self.speakers, self.intervals = utterances, speakers, intervals
-        self.gain_db, self.seed = gain_db, seed
+        self.gain_db, self.seed, self.augment = gain_db, seed, augment
         self.max_samples = round(max_secs * SAMPLE_RATE)
 
     def __len__(self) -> int:
@@ -167,7 +171,13 @@ class TrainDataset(Dataset):
         utt = self.utterances[i]
         wav = apply_gain(load_audio(utt.wav_path), self.gain_db)
         wav = keep_intervals(wav, self.intervals[utt.id])
-        wav = random_crop(wav, self.max_samples, np.random.default_rng([self.seed, epoch, i]))
+        if self.augment is None:
+            wav = random_crop(wav, self.max_samples, np.random.default_rng([self.seed, epoch, i]))
+        else:
+            aug_rng = np.random.default_rng([self.seed, epoch, i, 1])
+            wav = speed_perturb(wav, self.augment.pick_speed(aug_rng))  # before the crop: crops keep max_secs
+            wav = random_crop(wav, self.max_samples, np.random.default_rng([self.seed, epoch, i]))
+            wav = self.augment(wav, aug_rng)
         return torch.from_numpy(np.ascontiguousarray(wav)), self.speakers[utt.spk]
 
 
@@ -177,7 +187,7 @@ def collate_train(batch):
     return torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lens, torch.tensor(labels)
 
 
-def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int):
+def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int, augment: Augmenter | None = None):
     """(TrainDataset, speakers, stats) from a prepared directory, applying the min_secs filter post-VAD."""
     data_dir = Path(data_dir)
     utterances = read_train_csv(data_dir / "train.csv")
@@ -198,7 +208,7 @@ def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int):
     kept = [u for u in utterances if sum(e - s for s, e in vad["intervals"][u.id]) / SAMPLE_RATE > min_secs]
     if not kept:
         raise ValueError(f"no training utterance in {data_dir} is longer than --min_secs {min_secs} after VAD")
-    dataset = TrainDataset(kept, speakers, vad["intervals"], vad["gain_db"], max_secs, seed)
+    dataset = TrainDataset(kept, speakers, vad["intervals"], vad["gain_db"], max_secs, seed, augment)
     stats = {
         "utterances": len(kept),
         "dropped_short": len(utterances) - len(kept),
