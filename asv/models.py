@@ -1,4 +1,4 @@
-"""Trainable part of the recipe: featurizer (layer weighted sum) -> x-vector -> loss head."""
+"""Trainable part of the recipe: featurizer (layer weighted sum) -> downstream (x-vector or ECAPA-TDNN) -> loss head."""
 
 from __future__ import annotations
 
