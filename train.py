@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from asv.augment import AugmentError, build_augmenter
 from asv.checkpoint import (
     CheckpointError,
     check_weights_match,
@@ -271,7 +272,8 @@ def train(cfg: TrainConfig) -> Path:
     # ---- data, model, optimizer
     try:
         upstream = build_upstream(cfg.model.upstream, cfg.model.upstream_ckpt, cfg.model.upstream_normalize)
-    except UpstreamError as err:
+        augment = build_augmenter(cfg.data)  # None unless an augmentation flag is set
+    except (UpstreamError, AugmentError) as err:
         raise SystemExit(f"error: {err}") from None
     upstream.to(accelerator.device)
     finetune = cfg.model.upstream_trainable
@@ -282,7 +284,7 @@ def train(cfg: TrainConfig) -> Path:
             accelerator.print(f"gradient checkpointing on {enable_gradient_checkpointing(upstream)} upstream layers")
     try:
         dataset, speakers, stats = load_train_set(
-            Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed
+            Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed, augment
         )
     except (OSError, ValueError) as err:  # a missing or malformed manifest: the message names file and line
         raise SystemExit(f"error: {err}") from None
@@ -409,11 +411,13 @@ def train(cfg: TrainConfig) -> Path:
     t_log, t_start, last_saved = time.time(), time.time(), state.step
     model.train()
     upstream.train(finetune)
+    head = accelerator.unwrap_model(model).head  # its margin schedule follows the global step
     while state.step < cfg.run.total_steps:
         loader.set_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for wav, wav_len, labels in epoch_loader:
             state.batch_in_epoch += 1
+            head.set_step(state.step)
             try:
                 with accelerator.accumulate(model, *([upstream] if finetune else [])):
                     with (

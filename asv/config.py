@@ -34,6 +34,19 @@ class DataConfig:
     # Also apply the training gain and VAD to test audio, as the SUPERB paper's legacy recipe did
     # (s3prl's current SuperbASV scores raw audio: the default).
     test_effects: bool = False
+    # Augmentation is off by default (SUPERB trains on clean audio). Directory of noise .wav files,
+    # searched recursively (e.g. MUSAN's noise/ music/ speech/), added at a random SNR.
+    noise_dir: str | None = None
+    # Lowest SNR of the added noise, in dB (drawn uniformly between the two; NeMo: 0 to 15).
+    noise_snr_min_db: float = 0.0
+    # Highest SNR of the added noise, in dB.
+    noise_snr_max_db: float = 15.0
+    # Directory of room impulse response .wav files, searched recursively (e.g. RIRS_NOISES/simulated_rirs).
+    rir_dir: str | None = None
+    # Probability of reverberating, and independently of adding noise, to each training crop (WeSpeaker: 0.6).
+    aug_prob: float = 0.6
+    # Speed perturbation: play each training utterance at 0.9, 1.0 or 1.1 times speed (uniformly), same speaker.
+    speed_perturb: bool = False
 
 
 @dataclass
@@ -54,30 +67,40 @@ class ModelConfig:
     layer_selections: list[int] | None = None
     # Layer-normalise hidden states before the weighted sum (Featurizer `normalize`; SUPERB: off).
     featurizer_normalize: bool = False
-    # Downstream model by name (registry asv.models.DOWNSTREAMS).
+    # Downstream model by name (registry asv.models.DOWNSTREAMS): xvector (SUPERB) | ecapa (ECAPA-TDNN).
     downstream: str = "xvector"
-    # Speaker embedding size.
+    # Speaker embedding size (ECAPA-TDNN papers use 192).
     embed_dim: int = 512
-    # Width of the projector and TDNN layers.
+    # Width of the projector and TDNN layers (used by: xvector).
     hidden_size: int = 512
-    # Width of the last TDNN layer, before statistics pooling.
+    # Width of the last TDNN layer, before statistics pooling (used by: xvector).
     aggregation_size: int = 1500
-    # Dropout after each TDNN layer.
+    # Dropout after each TDNN layer (used by: xvector).
     dropout_p: float = 0.0
-    # BatchNorm after each TDNN layer.
+    # BatchNorm after each TDNN layer (used by: xvector; ecapa always has it).
     batch_norm: bool = False
+    # Channels C of the SE-Res2Blocks (used by: ecapa; the paper's 512 and 1024).
+    ecapa_channels: int = 512
 
 
 @dataclass
 class LossConfig:
     """Speaker-classification head."""
 
-    # Loss by name (registry asv.losses.LOSSES).
+    # Loss by name (registry asv.losses.LOSSES): amsoftmax | aamsoftmax | subcenter_aam | softmax.
     loss: str = "amsoftmax"
-    # Additive cosine margin (used by: amsoftmax).
+    # Margin: additive cosine margin for amsoftmax, additive angle in radians for aamsoftmax and
+    # subcenter_aam (s3prl's legacy AAM used 0.3, WeSpeaker 0.2).
     margin: float = 0.4
-    # Logit scale (used by: amsoftmax).
+    # Logit scale (used by: amsoftmax, aamsoftmax, subcenter_aam).
     scale: float = 30.0
+    # Apply the angular margin only where the target cosine is positive (used by: aamsoftmax, subcenter_aam).
+    easy_margin: bool = False
+    # Centres per speaker (used by: subcenter_aam; WeSpeaker and ESPnet use 3).
+    subcenters: int = 3
+    # Ramp the margin linearly from 0 to --margin over this many optimizer updates (0: fixed margin;
+    # used by: amsoftmax, aamsoftmax, subcenter_aam).
+    margin_warmup_steps: int = 0
 
 
 @dataclass

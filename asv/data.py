@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from asv.audio import SAMPLE_RATE, BadAudioError, apply_gain, load_audio, read_crop, sox_silence, speech_intervals
+from asv.augment import Augmenter, speed_perturb
 
 TRAIN_FIELDS = ["id", "wav_path", "spk", "num_samples"]
 TRIAL_FIELDS = ["id1", "id2", "wav_path1", "wav_path2", "label"]
@@ -204,7 +205,9 @@ class TrainDataset(Dataset):
 
     The crop is drawn from an RNG keyed by (seed, epoch, index): crops differ between epochs, do not
     depend on which worker loads the item (s3prl replays the same stream every epoch), and a resumed
-    run draws exactly the crops the uninterrupted run would have.
+    run draws exactly the crops the uninterrupted run would have. The optional augmentation (asv.augment,
+    off by default) draws from its own stream keyed the same way plus a constant, so it is reproducible
+    too and switching it on leaves the crop stream alone.
     """
 
     def __init__(
@@ -215,9 +218,10 @@ class TrainDataset(Dataset):
         gain_db: float,
         max_secs: float,
         seed: int,
+        augment: Augmenter | None = None,
     ):
         self.utterances, self.speakers, self.intervals = utterances, speakers, intervals
-        self.gain_db, self.seed = gain_db, seed
+        self.gain_db, self.seed, self.augment = gain_db, seed, augment
         self.max_samples = round(max_secs * SAMPLE_RATE)
         # Loads that failed since this process started, shared with the DataLoader workers; train.py
         # logs it as train/unreadable_files.
@@ -225,6 +229,18 @@ class TrainDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.utterances)
+
+    def crop(self, utt: Utterance, epoch: int, i: int) -> np.ndarray:
+        """The training audio of item i in this epoch: a crop of the VAD'd signal, augmented if asked."""
+        rng = np.random.default_rng([self.seed, epoch, i])
+        if self.augment is None:
+            return read_crop(utt.wav_path, self.intervals[utt.id], self.max_samples, rng, self.gain_db)
+        aug_rng = np.random.default_rng([self.seed, epoch, i, 1])  # its own stream: the crop draw is unchanged
+        speed = self.augment.pick_speed(aug_rng)
+        # Read speed x max_samples so the perturbed crop is still max_secs long.
+        wav = read_crop(utt.wav_path, self.intervals[utt.id], round(self.max_samples * speed), rng, self.gain_db)
+        wav = speed_perturb(wav, speed)[: self.max_samples]
+        return self.augment(wav, aug_rng)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
@@ -234,8 +250,7 @@ class TrainDataset(Dataset):
         for k in range(MAX_SUBSTITUTES):
             utt = self.utterances[(i + k) % len(self.utterances)]
             try:
-                rng = np.random.default_rng([self.seed, epoch, i])
-                wav = read_crop(utt.wav_path, self.intervals[utt.id], self.max_samples, rng, self.gain_db)
+                wav = self.crop(utt, epoch, i)
                 break
             except BadAudioError as err:
                 with self.num_unreadable.get_lock():
@@ -257,7 +272,7 @@ def collate_train(batch):
     return torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lens, torch.tensor(labels)
 
 
-def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int):
+def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int, augment: Augmenter | None = None):
     """(TrainDataset, speakers, stats) from a prepared directory, applying the min_secs filter post-VAD."""
     data_dir = Path(data_dir)
     utterances = read_train_csv(data_dir / "train.csv")
@@ -284,7 +299,7 @@ def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int):
     kept = [u for u in utterances if sum(e - s for s, e in vad["intervals"][u.id]) / SAMPLE_RATE > min_secs]
     if not kept:
         raise ValueError(f"no training utterance in {data_dir} is longer than --min_secs {min_secs} after VAD")
-    dataset = TrainDataset(kept, speakers, vad["intervals"], vad["gain_db"], max_secs, seed)
+    dataset = TrainDataset(kept, speakers, vad["intervals"], vad["gain_db"], max_secs, seed, augment)
     stats = {
         "utterances": len(kept),
         "dropped_short": len(utterances) - len(kept),

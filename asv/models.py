@@ -1,4 +1,4 @@
-"""Trainable part of the recipe: featurizer (layer weighted sum) -> x-vector -> loss head."""
+"""Trainable part of the recipe: featurizer (layer weighted sum) -> downstream (x-vector or ECAPA-TDNN) -> loss head."""
 
 from __future__ import annotations
 
@@ -100,7 +100,123 @@ class SuperbXvector(nn.Module):
         return h
 
 
-DOWNSTREAMS = {"xvector": SuperbXvector}
+def _length_mask(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T) float mask, 1 on the first lengths[b] frames of each item: for (B, C, T) conv activations."""
+    return (torch.arange(x.size(-1), device=x.device)[None, :] < lengths[:, None]).unsqueeze(1).to(x.dtype)
+
+
+def _masked_mean_std(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean and std over time of (B, C, T) x with (B, C|1, T) weights summing to 1 over T."""
+    mean = (x * w).sum(-1, keepdim=True)
+    std = ((x * x * w).sum(-1, keepdim=True) - mean * mean).clamp(min=eps).sqrt()
+    return mean, std
+
+
+class SEModule(nn.Module):
+    """Squeeze-excitation over channels (Hu et al., 2018) whose squeeze averages valid frames only."""
+
+    def __init__(self, channels: int, bottleneck: int = 128):
+        super().__init__()
+        self.down, self.up = nn.Conv1d(channels, bottleneck, 1), nn.Conv1d(bottleneck, channels, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, C, T), (B, 1, T)
+        s = (x * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)  # (B, C, 1)
+        return x * torch.sigmoid(self.up(F.relu(self.down(s))))
+
+
+class SERes2Block(nn.Module):
+    """ECAPA's SE-Res2Block: 1x1 conv, Res2Net dilated convs over `scale` channel groups, 1x1 conv, SE, residual."""
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int, scale: int = 8):
+        super().__init__()
+        self.width = channels // scale
+        self.conv1, self.bn1 = nn.Conv1d(channels, self.width * scale, 1), nn.BatchNorm1d(self.width * scale)
+        pad = kernel_size // 2 * dilation  # "same" length, so the time axis and the mask never change
+        self.convs = nn.ModuleList(
+            nn.Conv1d(self.width, self.width, kernel_size, dilation=dilation, padding=pad) for _ in range(scale - 1)
+        )
+        self.bns = nn.ModuleList(nn.BatchNorm1d(self.width) for _ in range(scale - 1))
+        self.conv3, self.bn3 = nn.Conv1d(self.width * scale, channels, 1), nn.BatchNorm1d(channels)
+        self.se = SEModule(channels)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, C, T)
+        # Padded frames are re-zeroed after every BatchNorm (its bias makes them non-zero): a dilated conv
+        # near the end of an utterance then sees the same zeros as when the utterance is alone.
+        groups = (self.bn1(F.relu(self.conv1(x))) * mask).split(self.width, dim=1)
+        out, sp = [], None
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
+            sp = groups[i] if i == 0 else sp + groups[i]
+            sp = bn(F.relu(conv(sp))) * mask
+            out.append(sp)
+        out = torch.cat([*out, groups[-1]], dim=1)
+        out = self.bn3(F.relu(self.conv3(out))) * mask
+        return self.se(out, mask) + x
+
+
+class AttentiveStatsPooling(nn.Module):
+    """Channel- and context-dependent attentive statistics pooling (ECAPA-TDNN section 2.2): (B, C, T) -> (B, 2C).
+
+    Padded frames get zero attention and are left out of the global context (mean, std) too.
+    """
+
+    def __init__(self, channels: int, attention_channels: int = 128):
+        super().__init__()
+        self.attention = nn.Sequential(
+            nn.Conv1d(3 * channels, attention_channels, 1),
+            nn.ReLU(),
+            nn.BatchNorm1d(attention_channels),
+            nn.Tanh(),
+            nn.Conv1d(attention_channels, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        T = x.size(-1)
+        mean, std = _masked_mean_std(x, mask / mask.sum(-1, keepdim=True))
+        context = torch.cat([x, mean.expand(-1, -1, T), std.expand(-1, -1, T)], dim=1)  # (B, 3C, T)
+        scores = self.attention(context).masked_fill(mask == 0, float("-inf"))
+        mean, std = _masked_mean_std(x, F.softmax(scores, dim=-1))  # (B, C, 1) each
+        return torch.cat([mean, std], dim=1).squeeze(-1)
+
+
+class EcapaTdnn(nn.Module):
+    """ECAPA-TDNN (Desplanques et al., Interspeech 2020, arXiv 2005.07143) on upstream features.
+
+    conv k5 -> SE-Res2Blocks (k3, dilation 2, 3, 4; each fed the sum of the previous outputs, as in
+    s3prl's ECAPA_TDNN) -> multi-layer feature aggregation (1x1 conv over the 3 block outputs, 1536
+    channels) -> attentive statistics pooling -> BN -> Linear -> BN. All convolutions keep the length,
+    and padded frames are masked everywhere, so in eval mode an embedding does not depend on its batch.
+    (In training, BatchNorm statistics include padded frames; crops there are of similar length.)
+    """
+
+    def __init__(self, input_size: int, output_size: int = 192, channels: int = 512, mfa_channels: int = 1536):
+        super().__init__()
+        self.output_size = output_size
+        self.conv1, self.bn1 = nn.Conv1d(input_size, channels, 5, padding=2), nn.BatchNorm1d(channels)
+        self.blocks = nn.ModuleList(SERes2Block(channels, 3, d) for d in (2, 3, 4))
+        self.mfa = nn.Conv1d(3 * channels, mfa_channels, 1)
+        self.pool = AttentiveStatsPooling(mfa_channels)
+        self.bn_pool = nn.BatchNorm1d(2 * mfa_channels)
+        self.fc, self.bn_embed = nn.Linear(2 * mfa_channels, output_size), nn.BatchNorm1d(output_size)
+
+    def forward(self, x: torch.Tensor, x_len: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, E)
+        x = x.transpose(1, 2)  # (B, D, T)
+        mask = _length_mask(x, x_len)
+        x = self.bn1(F.relu(self.conv1(x * mask))) * mask  # (B, C, T)
+        outs = []
+        for block in self.blocks:
+            x_in = x if not outs else x + sum(outs)
+            outs.append(block(x_in, mask))
+        h = F.relu(self.mfa(torch.cat(outs, dim=1))) * mask  # (B, 1536, T)
+        return self.bn_embed(self.fc(self.bn_pool(self.pool(h, mask))))
+
+
+# name -> constructor from the featurizer's output size and the model config section (asv.config.ModelConfig).
+DOWNSTREAMS = {
+    "xvector": lambda d, m: SuperbXvector(
+        d, m.embed_dim, m.hidden_size, m.aggregation_size, dropout_p=m.dropout_p, batch_norm=m.batch_norm
+    ),
+    "ecapa": lambda d, m: EcapaTdnn(d, m.embed_dim, channels=m.ecapa_channels),
+}
 
 
 class SpeakerModel(nn.Module):
@@ -139,13 +255,6 @@ def build_speaker_model(model_cfg, loss_cfg, upstream, num_classes: int) -> Spea
     )
     if model_cfg.downstream not in DOWNSTREAMS:
         raise ValueError(f"unknown downstream '{model_cfg.downstream}'; choose one of: {', '.join(DOWNSTREAMS)}")
-    downstream = DOWNSTREAMS[model_cfg.downstream](
-        featurizer.output_size,
-        output_size=model_cfg.embed_dim,
-        hidden_size=model_cfg.hidden_size,
-        aggregation_size=model_cfg.aggregation_size,
-        dropout_p=model_cfg.dropout_p,
-        batch_norm=model_cfg.batch_norm,
-    )
-    head = build_loss(loss_cfg.loss, model_cfg.embed_dim, num_classes, loss_cfg.margin, loss_cfg.scale)
+    downstream = DOWNSTREAMS[model_cfg.downstream](featurizer.output_size, model_cfg)
+    head = build_loss(loss_cfg, model_cfg.embed_dim, num_classes)
     return SpeakerModel(featurizer, downstream, head)

@@ -6,6 +6,7 @@ import inspect
 import logging
 import sys
 import types
+from pathlib import Path
 
 import torch
 import torchaudio
@@ -71,10 +72,21 @@ def build_upstream(name: str, ckpt: str | None = None, normalize: bool = False) 
     needs_ckpt = name.endswith(("_local", "_url", "_custom"))
     if needs_ckpt and not ckpt:
         raise UpstreamError(f"upstream '{name}' loads a checkpoint you provide: pass --upstream_ckpt PATH")
+    # hf_* names also take a Hugging Face hub id ("facebook/wav2vec2-base"), which is no local path.
+    hub_id = name.startswith("hf_") and not Path(str(ckpt)).exists() and str(ckpt).count("/") == 1
+    local = needs_ckpt and not str(ckpt).startswith("http") and not hub_id
+    if local:
+        check_local_ckpt(name, ckpt)
     try:
         upstream = S3PRLUpstream(name, path_or_url=ckpt, normalize=normalize)
     except Exception as err:  # s3prl raises whatever requests/torch.hub raise
-        msg = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        # The first line names the problem (torch's weights_only error adds a page of advice after it).
+        msg = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        if local:
+            raise UpstreamError(
+                f"--upstream_ckpt {ckpt} is not {expected_ckpt_format(name)} ({type(err).__name__}: {msg}); "
+                "pass a checkpoint of that format or the upstream name that matches the file"
+            ) from err
         if name in WEIGHT_FREE or needs_ckpt:
             raise UpstreamError(f"cannot build upstream '{name}' from {ckpt or 'the s3prl hub'}: {msg}") from err
         family = name.split("_")[0]
@@ -85,6 +97,32 @@ def build_upstream(name: str, ckpt: str | None = None, normalize: bool = False) 
     upstream.eval()
     upstream.requires_grad_(False)
     return upstream
+
+
+def expected_ckpt_format(name: str) -> str:
+    """What s3prl's loader for a *_local / *_custom name reads, in words (for error messages)."""
+    family = name.rsplit("_", 1)[0]
+    if name.startswith("hf_"):
+        return "a directory written by transformers' save_pretrained (config.json, weights, preprocessor_config.json)"
+    if family.startswith(("wavlm", "unispeech")):
+        return "a WavLM-style checkpoint, a torch.save'd dict {'cfg': dict, 'model': state_dict}"
+    if family in ("wav2vec2", "hubert", "data2vec", "mhubert", "multires_hubert"):
+        return (
+            f"an s3prl-converted {family} checkpoint, a torch.save'd dict {{'task_cfg', 'model_cfg', 'model_weight'"
+            + (", 'dictionaries_symbols'" if "hubert" in family else "")
+            + f"}} (convert a fairseq one with python -m s3prl.upstream.{family}.convert, which needs fairseq)"
+        )
+    return f"a checkpoint s3prl's '{name}' loader reads"
+
+
+def check_local_ckpt(name: str, ckpt: str) -> None:
+    """Fail early, in one line, on a missing path or a file where a directory is expected (and vice versa):
+    s3prl would otherwise raise a bare AssertionError or an HF download attempt."""
+    path = Path(ckpt)
+    if not path.exists():
+        raise UpstreamError(f"--upstream_ckpt {ckpt} does not exist; pass {expected_ckpt_format(name)}")
+    if name.startswith("hf_") != path.is_dir():
+        raise UpstreamError(f"--upstream_ckpt {ckpt} is not {expected_ckpt_format(name)}")
 
 
 @torch.inference_mode()

@@ -108,6 +108,6 @@ def test_featurizer_weights_start_uniform_and_select_layers():
 
 def test_registries_reject_unknown_names():
     with pytest.raises(ValueError, match="amsoftmax"):
-        build_loss("arcface", 8, 2, 0.2, 30)
+        build_loss(LossConfig(loss="arcface"), 8, 2)
     with pytest.raises(ValueError, match="xvector"):
         build_speaker_model(ModelConfig(downstream="resnet"), LossConfig(), FakeUpstream(), 2)
