@@ -507,7 +507,7 @@ def train(cfg: TrainConfig) -> Path:
                     f"received signal {preemption.signal or 'on another rank'}: saved step {state.step} and stopped; "
                     "run the same command again to resume"
                 )
-                accelerator.end_training()
+                finish(accelerator)
                 return exp_dir
             if state.step >= cfg.run.total_steps:
                 break
@@ -533,9 +533,17 @@ def train(cfg: TrainConfig) -> Path:
                 indent=1,
             )
         )
-    accelerator.end_training()
+    finish(accelerator)
     accelerator.print(f"done: {state.step} updates; checkpoints in {exp_dir}")
     return exp_dir
+
+
+def finish(accelerator) -> None:
+    """End trackers and the process group after a barrier. The barrier lets gloo's worker thread finish
+    destroying the last collectives (they hold Python tensors, so it needs the GIL); without it, tearing
+    the group down as train() returns could deadlock against that thread (seen in the 2-process test)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def main(argv: list[str] | None = None) -> Path | None:
