@@ -13,7 +13,7 @@ from scipy.stats import norm  # noqa: E402
 from sklearn.metrics import det_curve  # noqa: E402
 
 # DET axes in normal-deviate scale (Martin et al., 1997), labelled in percent.
-_TICKS = np.array([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8])
+_TICKS = np.array([0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8])
 
 
 def det_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
