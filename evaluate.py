@@ -32,6 +32,7 @@ from asv.audio import BadAudioError
 from asv.checkpoint import CheckpointError, read_train_state, verify_checkpoint
 from asv.config import parse
 from asv.data import (
+    DEV_LIST,
     ManifestError,
     Trial,
     read_train_csv,
@@ -42,10 +43,9 @@ from asv.data import (
 )
 from asv.extract import Embedder, audio_lengths, embed_cached, export_embeddings, load_config_or_die
 from asv.metrics import compute_eer, compute_min_dcf
-from asv.scoring import as_norm, cohort_stats, cosine_scores, speaker_means
+from asv.scoring import as_norm, cohort_stats, speaker_means, trial_scores
 
 P_TARGETS = (0.01, 0.05)
-DEV_LIST = "dev"  # the trial list prepare.py builds from held-out training speakers
 
 
 @dataclass
@@ -276,9 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
             mean, std = cohort_stats(np.stack([vectors[p] for p in paths]), models, cfg.asnorm_top_n)
             stats = {p: (m, s) for p, m, s in zip(paths, mean, std, strict=True)}
         for n in names:
-            e1 = np.stack([vectors[t.wav_path1] for t in trials[n]])
-            e2 = np.stack([vectors[t.wav_path2] for t in trials[n]])
-            scores, labels = cosine_scores(e1, e2), np.array([t.label for t in trials[n]])
+            scores, labels = trial_scores(vectors, trials[n]), np.array([t.label for t in trials[n]])
             res = {
                 "step": step,
                 "ckpt_dir": str(ckpt),

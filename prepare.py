@@ -29,6 +29,7 @@ import soundfile as sf
 from asv.audio import SAMPLE_RATE, BadAudioError, load_audio
 from asv.config import parse
 from asv.data import (
+    DEV_LIST,
     TRAIN_FIELDS,
     TRIAL_FIELDS,
     VAD_DESCRIPTION,
@@ -351,8 +352,8 @@ def main(argv: list[str] | None = None) -> Path:
         die(f"unknown --dataset '{cfg.dataset}'; choose demo, voxceleb1 or manifest")
     if not train:
         die("no training utterances found (every speaker appears in a trial list?)")
-    if "dev" in trials:
-        die("a trial list is named 'dev', which prepare.py reserves for the held-out speakers; rename it")
+    if DEV_LIST in trials:
+        die(f"a trial list is named '{DEV_LIST}', which prepare.py reserves for the held-out speakers; rename it")
     try:
         held_out = hold_out_speakers([s for _, _, s in train], cfg.dev_speakers, cfg.seed)
     except ValueError as err:
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> Path:
             keep = sorted(rng.choice(len(mine), size=min(len(mine), cfg.dev_utts_per_speaker), replace=False))
             dev_utts += [mine[k] for k in keep]
         train = [u for u in train if u[2] not in held_out]
-        trials["dev"] = make_trials(dev_utts, cfg.dev_trials, cfg.seed)
+        trials[DEV_LIST] = make_trials(dev_utts, cfg.dev_trials, cfg.seed)
     for name, rows in trials.items():
         expected = EXPECTED_TRIALS.get(name + ".txt")
         if expected and len(rows) != expected:

@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -41,7 +40,7 @@ from asv.checkpoint import (
     verify_checkpoint,
 )
 from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
-from asv.data import EpochSampler, collate_train, load_train_set, read_trials_csv
+from asv.data import DEV_LIST, EpochSampler, collate_train, load_train_set, read_trials_csv, unique_utterances
 from asv.models import build_speaker_model
 from asv.upstream import (
     WEIGHT_FREE,
@@ -153,19 +152,16 @@ def dev_eer(accelerator, upstream, model, cfg: TrainConfig, dev_trials, lengths)
     """EER (percent) of the model being trained on the held-out dev list, embedding sharded across processes."""
     from asv.extract import ModelEmbedder, embed_cached
     from asv.metrics import compute_eer
-    from asv.scoring import cosine_scores
+    from asv.scoring import trial_scores
 
     net = accelerator.unwrap_model(model)
     net.eval()
-    items = sorted({(t.id1, t.wav_path1) for t in dev_trials} | {(t.id2, t.wav_path2) for t in dev_trials})
+    items = unique_utterances(dev_trials)
     vectors = embed_cached(
         ModelEmbedder(upstream, net), items, lengths, None, cfg.data.test_effects, accelerator, num_workers=0
     )
     net.train()
-    scores = cosine_scores(
-        np.stack([vectors[t.wav_path1] for t in dev_trials]), np.stack([vectors[t.wav_path2] for t in dev_trials])
-    )
-    return 100.0 * compute_eer(scores, [t.label for t in dev_trials])[0]
+    return 100.0 * compute_eer(trial_scores(vectors, dev_trials), [t.label for t in dev_trials])[0]
 
 
 def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
@@ -310,7 +306,7 @@ def train(cfg: TrainConfig) -> Path:
     # The loop position is kept in train_state.json, not registered with Accelerate: its
     # custom_checkpoint_*.pkl would be unpickled with weights_only=False on load.
     state = TrainState()
-    dev_path = Path(cfg.data.data_dir) / "trials" / "dev.csv"
+    dev_path = Path(cfg.data.data_dir) / "trials" / f"{DEV_LIST}.csv"
     dev_trials = read_trials_csv(dev_path) if cfg.run.eval_dev and dev_path.is_file() else None
     if dev_trials:
         from asv.extract import audio_lengths

@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asv.data import read_trials_csv
+from asv.data import DEV_LIST, read_trials_csv, unique_utterances
 from asv.extract import Embedder, audio_lengths, embed_cached
 from asv.metrics import compute_eer
-from asv.scoring import cosine_scores
-
-DEV_LIST = "dev"
+from asv.scoring import cosine_scores, trial_scores
 
 
 @lru_cache(maxsize=4)
@@ -68,14 +66,11 @@ def dev_threshold(ckpt_dir: str | Path, test_effects: bool | None = None) -> tup
     if not dev.is_file():
         return None, f"no threshold: {dev} does not exist (prepare.py --dev_speakers N builds it)"
     trials = read_trials_csv(dev)
-    items = sorted({(t.id1, t.wav_path1) for t in trials} | {(t.id2, t.wav_path2) for t in trials})
+    items = unique_utterances(trials)
     effects = embedder.test_effects if test_effects is None else test_effects
     cache = ckpt.parent / "evaluate" / f"step-{step}" / "embeddings.npz"
     vectors = embed_cached(embedder, items, audio_lengths([p for _, p in items]), cache, effects)
-    scores = cosine_scores(
-        np.stack([vectors[t.wav_path1] for t in trials]), np.stack([vectors[t.wav_path2] for t in trials])
-    )
-    eer, threshold = compute_eer(scores, [t.label for t in trials])
+    eer, threshold = compute_eer(trial_scores(vectors, trials), [t.label for t in trials])
     return threshold, f"dev EER threshold ({100 * eer:.2f}% EER on {len(trials)} dev trials)"
 
 

@@ -58,14 +58,10 @@ def load_audio(path: str | Path) -> np.ndarray:
         if magic in (b"RIFF", b"RIFX", b"RF64"):
             raise BadAudioError(path, "corrupt or truncated WAV header", msg) from None
         raise BadAudioError(path, "unsupported or unrecognised container", msg) from None
-    cut = _DATA_LEN.search(log)
-    if cut and int(cut.group(2)) < int(cut.group(1)):
-        raise BadAudioError(path, "truncated", f"header declares {cut.group(1)} data bytes, file holds {cut.group(2)}")
+    _check_complete(path, log)
     if wav.shape[0] == 0:
         raise BadAudioError(path, "no samples")
-    if not np.isfinite(wav).all():
-        raise BadAudioError(path, "NaN or inf samples")
-    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    wav = _finite_mono(path, wav)
     if sr != SAMPLE_RATE:
         global _resample_warned
         if not _resample_warned:
@@ -77,6 +73,20 @@ def load_audio(path: str | Path) -> np.ndarray:
             )
         wav = resample(wav, sr)
     return wav
+
+
+def _check_complete(path, extra_info: str) -> None:
+    """libsndfile reads a truncated WAV without error; its log says how much data is missing."""
+    cut = _DATA_LEN.search(extra_info)
+    if cut and int(cut.group(2)) < int(cut.group(1)):
+        raise BadAudioError(path, "truncated", f"header declares {cut.group(1)} data bytes, file holds {cut.group(2)}")
+
+
+def _finite_mono(path, wav: np.ndarray) -> np.ndarray:
+    """(T, C) samples -> (T,) channel mean, refusing NaN/inf samples."""
+    if not np.isfinite(wav).all():
+        raise BadAudioError(path, "NaN or inf samples")
+    return wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
 
 
 def resample(wav: np.ndarray, sr: int) -> np.ndarray:
@@ -252,11 +262,7 @@ def read_crop(
         load_audio(path)  # raises BadAudioError saying why (missing, empty, corrupt, ...)
         raise
     with f:
-        cut = _DATA_LEN.search(f.extra_info)
-        if cut and int(cut.group(2)) < int(cut.group(1)):
-            raise BadAudioError(
-                path, "truncated", f"header declares {cut.group(1)} data bytes, file holds {cut.group(2)}"
-            )
+        _check_complete(path, f.extra_info)
         if f.samplerate != SAMPLE_RATE:
             wav = keep_intervals(apply_gain(load_audio(path), gain_db), intervals)
             return random_crop(wav, max_samples, rng)
@@ -275,8 +281,4 @@ def read_crop(
                 break
     if not pieces:
         return np.zeros(0, dtype=np.float32)
-    wav = np.concatenate(pieces)
-    if not np.isfinite(wav).all():
-        raise BadAudioError(path, "NaN or inf samples")
-    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
-    return apply_gain(wav, gain_db)
+    return apply_gain(_finite_mono(path, np.concatenate(pieces)), gain_db)

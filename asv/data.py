@@ -29,6 +29,8 @@ from asv.augment import Augmenter, speed_perturb
 
 TRAIN_FIELDS = ["id", "wav_path", "spk", "num_samples"]
 TRIAL_FIELDS = ["id1", "id2", "wav_path1", "wav_path2", "label"]
+# The trial list prepare.py builds from held-out training speakers (trials/dev.csv): it selects checkpoints.
+DEV_LIST = "dev"
 # The sox command line SUPERB applies; recorded next to the cached intervals.
 VAD_DESCRIPTION = "sox silence 1 0.1 0.1% -1 0.1 0.1%"
 # Consecutive unreadable training files tolerated before concluding the data itself is gone.

@@ -22,6 +22,13 @@ def cosine_scores(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
     return (l2_normalise(emb1) * l2_normalise(emb2)).sum(-1)
 
 
+def trial_scores(vectors: dict[str, np.ndarray], trials) -> np.ndarray:
+    """Cosine score of every trial, from embeddings keyed by wav path (the embedding cache's key)."""
+    return cosine_scores(
+        np.stack([vectors[t.wav_path1] for t in trials]), np.stack([vectors[t.wav_path2] for t in trials])
+    )
+
+
 def speaker_means(emb: np.ndarray, speakers: list[str]) -> tuple[np.ndarray, list[str]]:
     """Unit-length mean of each speaker's unit-length embeddings: the AS-norm cohort models."""
     names = sorted(set(speakers))
