@@ -29,7 +29,7 @@ import numpy as np
 from accelerate import Accelerator
 
 from asv.audio import BadAudioError
-from asv.checkpoint import CheckpointError, read_train_state, verify_checkpoint
+from asv.checkpoint import CheckpointError, list_checkpoints, read_train_state, verify_checkpoint
 from asv.config import parse
 from asv.data import (
     DEV_LIST,
@@ -42,10 +42,9 @@ from asv.data import (
     unique_utterances,
 )
 from asv.extract import Embedder, audio_lengths, embed_cached, export_embeddings, load_config_or_die
-from asv.metrics import compute_eer, compute_min_dcf
+from asv.metrics import metrics
 from asv.scoring import as_norm, cohort_stats, speaker_means, trial_scores
-
-P_TARGETS = (0.01, 0.05)
+from asv.tracking import wandb_mode
 
 
 @dataclass
@@ -95,8 +94,6 @@ class EvalConfig:
 
 
 def checkpoints_to_evaluate(cfg: EvalConfig) -> tuple[Path, list[tuple[int, Path]]]:
-    from train import list_checkpoints
-
     if bool(cfg.ckpt_dir) == bool(cfg.exp_dir):
         raise SystemExit("error: pass exactly one of --ckpt_dir exp/<run>/step-<N> or --exp_dir exp/<run>")
     if cfg.ckpt_dir:
@@ -195,15 +192,6 @@ def cohort_items(data_dir: Path, per_speaker: int) -> tuple[list[tuple[str, str]
     return [(u.id, u.wav_path) for u in chosen], [u.spk for u in chosen]
 
 
-def metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
-    eer, eer_thr = compute_eer(scores, labels)
-    out = {"eer": 100.0 * eer, "eer_threshold": eer_thr}
-    for p in P_TARGETS:
-        dcf, thr = compute_min_dcf(scores, labels, p_target=p)
-        out[f"min_dcf@{p}"], out[f"min_dcf@{p}_threshold"] = dcf, thr
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse(EvalConfig, argv)
     if cfg.pair is not None:
@@ -219,8 +207,6 @@ def main(argv: list[str] | None = None) -> dict:
     utts = unique_utterances([t for ts in trials.values() for t in ts])
     cohort, cohort_spk = cohort_items(data_dir, cfg.asnorm_utts_per_speaker) if cfg.asnorm else ([], [])
     out_root = Path(cfg.out_dir or exp_dir / "evaluate")
-
-    from train import wandb_mode
 
     mode = wandb_mode(cfg.wandb_mode)
     accelerator = Accelerator(log_with=None if mode == "disabled" else "wandb", mixed_precision="no")

@@ -14,7 +14,6 @@ Accelerate's optimizer/scheduler/RNG state, train_state.json and the resolved co
 from __future__ import annotations
 
 import json
-import netrc
 import os
 import shutil
 import signal
@@ -23,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, TorchDynamoPlugin, set_seed
 from safetensors import SafetensorError
@@ -34,6 +32,7 @@ from asv.augment import AugmentError, build_augmenter
 from asv.checkpoint import (
     CheckpointError,
     check_weights_match,
+    list_checkpoints,
     newest_usable,
     read_train_state,
     remove_interrupted_saves,
@@ -41,7 +40,10 @@ from asv.checkpoint import (
 )
 from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
 from asv.data import DEV_LIST, EpochSampler, collate_train, load_train_set, read_trials_csv, unique_utterances
+from asv.errors import AsvError
 from asv.models import build_speaker_model
+from asv.optim import build_optimizer_and_scheduler, gradient_accumulation
+from asv.tracking import wandb_mode
 from asv.upstream import (
     WEIGHT_FREE,
     UpstreamError,
@@ -67,46 +69,6 @@ class TrainState:
         self.step, self.epoch, self.batch_in_epoch = d["step"], d["epoch"], d["batch_in_epoch"]
 
 
-def wandb_mode(requested: str) -> str:
-    """'auto' means online for a logged-in user (API key in the environment or ~/.netrc), else offline."""
-    if requested != "auto":
-        return requested
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        logged_in = False
-    return "online" if logged_in else "offline"
-
-
-def build_optimizer_and_scheduler(optim_cfg, model: torch.nn.Module, upstream: torch.nn.Module | None):
-    """One optimizer over the trainable tensors, with its own learning rate for the featurizer's layer
-    weights (--featurizer_lr) and a fine-tuned upstream (--upstream_lr)."""
-    if not hasattr(torch.optim, optim_cfg.optimizer):
-        raise ValueError(f"--optimizer {optim_cfg.optimizer} is not a torch.optim class")
-    featurizer = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("featurizer.")]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("featurizer.")]
-    groups = [{"params": rest, "lr": optim_cfg.lr}]
-    if featurizer:
-        groups.append({"params": featurizer, "lr": optim_cfg.featurizer_lr or optim_cfg.lr})
-    if upstream is not None:
-        groups.append(
-            {
-                "params": [p for p in upstream.parameters() if p.requires_grad],
-                "lr": optim_cfg.upstream_lr or optim_cfg.lr,
-            }
-        )
-    optimizer = getattr(torch.optim, optim_cfg.optimizer)(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
-    scheduler = None
-    if optim_cfg.scheduler:
-        if not hasattr(torch.optim.lr_scheduler, optim_cfg.scheduler):
-            raise ValueError(f"--scheduler {optim_cfg.scheduler} is not a torch.optim.lr_scheduler class")
-        kwargs = yaml.safe_load(optim_cfg.scheduler_kwargs) or {}
-        scheduler = getattr(torch.optim.lr_scheduler, optim_cfg.scheduler)(optimizer, **kwargs)
-    return optimizer, scheduler
-
-
 class Preemption:
     """SIGTERM / SIGUSR1 (a scheduler preempting the job, `scancel`, a time limit's warning signal) only
     set a flag; the loop saves a checkpoint at the next update boundary and exits 0, and auto-resume
@@ -125,18 +87,6 @@ class Preemption:
         if accelerator.num_processes > 1:  # one rank's signal stops every rank at the same update
             flag = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
         return flag
-
-
-def gradient_accumulation(optim_cfg, num_processes: int, batch_size: int) -> int:
-    if not optim_cfg.effective_batch:
-        return optim_cfg.gradient_accumulate
-    per_update = batch_size * num_processes
-    if optim_cfg.effective_batch % per_update:
-        raise SystemExit(
-            f"error: --effective_batch {optim_cfg.effective_batch} is not a multiple of --batch_size {batch_size} x "
-            f"{num_processes} processes = {per_update}; change --batch_size"
-        )
-    return optim_cfg.effective_batch // per_update
 
 
 def too_many_skips(consecutive: int, cfg: TrainConfig, state: TrainState) -> None:
@@ -162,19 +112,6 @@ def dev_eer(accelerator, upstream, model, cfg: TrainConfig, dev_trials, lengths)
     )
     net.train()
     return 100.0 * compute_eer(trial_scores(vectors, dev_trials), [t.label for t in dev_trials])[0]
-
-
-def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints as (step, dir), oldest first. train_state.json is written last, so a
-    directory without it is an interrupted save and is ignored; the step is read from it, not the name."""
-    found = []
-    for d in Path(exp_dir).glob("step-*"):
-        if (d / "train_state.json").is_file():
-            try:
-                found.append((read_train_state(d)["step"], d))
-            except CheckpointError as err:
-                print(f"warning: skipping checkpoint {d.name}: {err}", file=sys.stderr)
-    return sorted(found)
 
 
 def save_checkpoint(accelerator, model, upstream, cfg: TrainConfig, state: TrainState, exp_dir: Path) -> Path:
@@ -551,7 +488,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     if extra["list_upstreams"]:
         print("\n".join(list_upstreams()))
         return None
-    return train(cfg)
+    try:
+        return train(cfg)
+    except AsvError as err:  # the library explains; the script exits with that one line
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -14,20 +14,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from asv.errors import BadAudioError
+
 SAMPLE_RATE = 16000
 
 # sox works on int32 samples; torchaudio's apply_effects_tensor maps float x to trunc(x * 2**31).
 _SOX_SCALE = 2.0**31
 _SOX_SAMPLE_MAX = 2**31 - 1
-
-
-class BadAudioError(ValueError):
-    """A file that cannot give usable audio; `reason` is a short class (prepare.py counts by it)."""
-
-    # Defaults let torch's DataLoader re-raise it from a worker with a single message argument.
-    def __init__(self, path, reason: str = "", detail: str = ""):
-        self.path, self.reason, self.detail = str(path), reason, detail
-        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else "") if reason else str(path))
 
 
 # libsndfile's own header check: it logs "data : <declared> (should be <present>)" for a cut-off file.

@@ -17,12 +17,9 @@ import torch
 import torchaudio.functional as AF
 
 from asv.audio import SAMPLE_RATE, load_audio
+from asv.errors import AugmentError
 
 SPEEDS = (0.9, 1.0, 1.1)
-
-
-class AugmentError(ValueError):
-    """An augmentation setting that cannot work; the message names the flag and the fix."""
 
 
 def list_wavs(directory: str, flag: str) -> list[str]:

@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
+from asv.errors import CheckpointError
+
 # Written by Accelerate's save_state and train.py; evaluation needs only the last three.
 RESUME_FILES = ("model.safetensors", "optimizer.bin", "random_states_0.pkl")
 EVAL_FILES = ("embedder.safetensors", "config.yaml", "train_state.json")
@@ -23,10 +25,6 @@ EVAL_FILES = ("embedder.safetensors", "config.yaml", "train_state.json")
 CUSTOM_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 # Other torch-serialised files Accelerate writes (optimizer_1.bin, scheduler.bin, random_states_1.pkl, ...).
 TORCH_FILES = re.compile(r"^(optimizer|scheduler|sampler|scaler|random_states)(_\d+)?\.(bin|pkl|pt)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that must not be loaded; the message says which file and why."""
 
 
 def read_train_state(ckpt: Path) -> dict:
@@ -102,6 +100,19 @@ def check_weights_match(path: Path, expected: dict, what: str) -> None:
                 f"{path} does not fit {what}: {k} is {got} there, the model needs {need} "
                 "(a checkpoint of another upstream, layer selection or head?)"
             )
+
+
+def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, dir), oldest first. train_state.json is written last, so a
+    directory without it is an interrupted save and is ignored; the step is read from it, not the name."""
+    found = []
+    for d in Path(exp_dir).glob("step-*"):
+        if (d / "train_state.json").is_file():
+            try:
+                found.append((read_train_state(d)["step"], d))
+            except CheckpointError as err:
+                print(f"warning: skipping checkpoint {d.name}: {err}", file=sys.stderr)
+    return sorted(found)
 
 
 def newest_usable(checkpoints: list[tuple[int, Path]]) -> Path | None:

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from asv.audio import SAMPLE_RATE, BadAudioError, apply_gain, load_audio, read_crop, sox_silence, speech_intervals
 from asv.augment import Augmenter, speed_perturb
+from asv.errors import ManifestError
 
 TRAIN_FIELDS = ["id", "wav_path", "spk", "num_samples"]
 TRIAL_FIELDS = ["id1", "id2", "wav_path1", "wav_path2", "label"]
@@ -66,10 +67,6 @@ def write_csv(path: Path, fields: list[str], rows: list) -> None:
         for row in rows:
             writer.writerow([getattr(row, k) for k in fields])
     tmp.replace(path)  # never leave a half-written manifest behind
-
-
-class ManifestError(ValueError):
-    """A malformed manifest or trial list; the message names the file and line. Scripts print it as one line."""
 
 
 def _read_csv(path: Path, fields: list[str]) -> list[tuple[int, dict]]:

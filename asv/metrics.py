@@ -67,3 +67,17 @@ def compute_min_dcf(
     i = int(np.argmin(c_det))
     c_def = min(c_miss * p_target, c_fa * (1.0 - p_target))
     return float(c_det[i] / c_def), float(thr[i])
+
+
+# Operating points reported everywhere (keys carry them: the reference codebases disagree on the default).
+P_TARGETS = (0.01, 0.05)
+
+
+def metrics(scores, labels) -> dict:
+    """results.json's metric block: EER in percent with its threshold, minDCF at each P_TARGETS with its threshold."""
+    eer, eer_thr = compute_eer(scores, labels)
+    out = {"eer": 100.0 * eer, "eer_threshold": eer_thr}
+    for p in P_TARGETS:
+        dcf, thr = compute_min_dcf(scores, labels, p_target=p)
+        out[f"min_dcf@{p}"], out[f"min_dcf@{p}_threshold"] = dcf, thr
+    return out

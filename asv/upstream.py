@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torchaudio
 
+from asv.errors import UpstreamError
+
 # s3prl 0.4.18 calls torchaudio.set_audio_backend at import time and imports torchaudio.sox_effects in
 # modules that s3prl.hub pulls in; torchaudio 2.9 removed both. Nothing on our path uses them (audio I/O
 # is soundfile, the VAD is asv.audio.sox_silence), so a no-op backend setter and a module whose
@@ -47,10 +49,6 @@ __all__ = [
 
 # Names that need no download: s3prl computes them from the waveform (spec section 6.1).
 WEIGHT_FREE = {"fbank", "fbank_no_cmvn", "baseline", "mfcc", "mel", "spectrogram", "linear"}
-
-
-class UpstreamError(RuntimeError):
-    """An upstream that cannot be built; the message says what to do."""
 
 
 def list_upstreams() -> list[str]:

@@ -50,10 +50,10 @@ from asv.data import EvalDataset, collate_eval, read_trials_csv, unique_utteranc
 
 # Our evaluation machinery (asv/extract.py), imported in this one place.
 from asv.extract import Embedder, audio_lengths, embed_all, length_sorted_batches  # noqa: E402
+from asv.metrics import metrics  # noqa: E402
 from asv.models import build_speaker_model  # noqa: E402
 from asv.scoring import cosine_scores  # noqa: E402
 from asv.upstream import build_upstream  # noqa: E402
-from evaluate import metrics  # noqa: E402
 
 WORKERS = 2
 # Issue targets on this CPU class (2-core Zen 3): >= 1.6x s3prl, and within 1.25x of the floor.
@@ -181,7 +181,7 @@ def time_floor(embedder, loaded) -> float:
 
 def resolve_ckpt(path: str) -> str:
     """A step-<N> checkpoint directory, or a run directory (its newest checkpoint)."""
-    from train import list_checkpoints
+    from asv.checkpoint import list_checkpoints
 
     if (Path(path) / "train_state.json").is_file():
         return path

@@ -106,7 +106,7 @@ def floor_updates_per_second(first_batch: int, count: int, warmup: int = 2) -> f
     seed 0, epoch 0 and the item), so the floor and our run see the same shapes; s3prl's sampler draws
     other batches of the same data.
     """
-    from train import build_optimizer_and_scheduler
+    from asv.optim import build_optimizer_and_scheduler
 
     cfg = TrainConfig()  # SUPERB defaults: x-vector, AM-softmax 0.4/30, AdamW 1e-4, clip 1000
     torch.manual_seed(cfg.run.seed)
