@@ -1,5 +1,5 @@
 """The multi-layer SSL path end to end, offline: tiny random wav2vec2 / HuBERT / WavLM / HF checkpoints
-(tests/tiny_upstreams.py) -> train.py -> evaluate.py, in-process to keep the file under ~90 s on 2 cores.
+(asv/random_upstreams.py) -> train.py -> evaluate.py, in-process to keep the file under ~90 s on 2 cores.
 
 Each family also runs a different downstream/loss/augmentation so every registry entry is exercised
 end to end once. Run alone with `pytest -m ssl_tiny`.
@@ -18,11 +18,11 @@ import evaluate
 import prepare
 import train
 from asv.extract import Embedder
-from tests.tiny_upstreams import LAYERS, build_tiny_upstreams
+from asv.random_upstreams import NUM_HIDDEN_STATES, build_tiny_upstreams
 
 pytestmark = pytest.mark.ssl_tiny
 
-NUM_STATES = LAYERS + 1  # the input of every transformer layer + the encoder output
+NUM_STATES = NUM_HIDDEN_STATES["tiny"]  # the input of every transformer layer + the encoder output
 TRAIN = ["--batch_size", "4", "--gradient_accumulate", "1", "--max_secs", "1.5", "--log_step", "1"]
 TRAIN += ["--num_workers", "0", "--wandb_mode", "disabled", "--lr", "1e-3"]
 EVAL = ["--wandb_mode", "disabled", "--num_workers", "0"]
