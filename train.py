@@ -8,7 +8,8 @@
 Defaults are SuperbASV's (s3prl 0.4.18): AdamW 1e-4, batch 10 x accumulation 5, clip 1000, 200,000
 optimizer updates, a checkpoint every 10,000. Each checkpoint exp_dir/step-<N>/ holds the trainable
 weights only (embedder.safetensors for evaluation, model.safetensors with the loss head for resuming),
-Accelerate's optimizer/scheduler/RNG state, train_state.json and the resolved config.yaml.
+Accelerate's optimizer/scheduler/RNG state, train_state.json and the resolved config.yaml (asv/rundir.py
+describes the run directory).
 """
 
 from __future__ import annotations
@@ -16,176 +17,71 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, TorchDynamoPlugin, set_seed
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from asv.augment import AugmentError, build_augmenter
-from asv.checkpoint import (
-    CheckpointError,
+from asv.augment import build_augmenter
+from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
+from asv.datasets import EpochSampler, TrainDataset, collate_train, load_train_set
+from asv.errors import AsvError, describe
+from asv.manifest import DEV_LIST, Trial, read_trials_csv
+from asv.models import SpeakerModel, build_speaker_model
+from asv.optim import build_optimizer_and_scheduler, gradient_accumulation
+from asv.progress import UpdateBar
+from asv.rundir import (
+    TrainState,
+    check_resumable,
     check_weights_match,
     list_checkpoints,
-    newest_usable,
     read_train_state,
     remove_interrupted_saves,
+    save_checkpoint,
+    step_dir,
+    usable,
     verify_checkpoint,
 )
-from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
-from asv.data import DEV_LIST, EpochSampler, collate_train, load_train_set, read_trials_csv, unique_utterances
-from asv.errors import AsvError
-from asv.models import build_speaker_model
-from asv.optim import build_optimizer_and_scheduler, gradient_accumulation
-from asv.tracking import wandb_mode
+from asv.tracking import JsonLog, start_tracking, wandb_mode
+from asv.training import Preemption, RunningStats, dev_eer, unreadable_files
 from asv.upstream import (
     WEIGHT_FREE,
-    UpstreamError,
     build_upstream,
     disable_layerdrop,
     enable_gradient_checkpointing,
     list_upstreams,
-    trainable_inputs,
-    upstream_forward,
+    upstream_features,
 )
 
 
-class TrainState:
-    """Loop position, checkpointed as train_state.json (JSON, so loading it runs no code)."""
-
-    def __init__(self):
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.step, self.epoch, self.batch_in_epoch = d["step"], d["epoch"], d["batch_in_epoch"]
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 (a scheduler preempting the job, `scancel`, a time limit's warning signal) only
-    set a flag; the loop saves a checkpoint at the next update boundary and exits 0, and auto-resume
-    continues from there."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._set)
-
-    def _set(self, signum, frame) -> None:
-        self.signal = signum
-
-    def requested(self, accelerator) -> bool:
-        flag = self.signal is not None
-        if accelerator.num_processes > 1:  # one rank's signal stops every rank at the same update
-            flag = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
-        return flag
-
-
-def too_many_skips(consecutive: int, cfg: TrainConfig, state: TrainState) -> None:
-    if consecutive >= cfg.run.max_consecutive_skips:
-        raise SystemExit(
-            f"error: {consecutive} updates in a row skipped at step {state.step} (non-finite gradients or out of "
-            "memory): the run has diverged or does not fit; lower --lr, --batch_size or --max_secs, or restart "
-            "from an earlier checkpoint with --resume_ckpt_dir"
-        )
-
-
-def dev_eer(accelerator, upstream, model, cfg: TrainConfig, dev_trials, lengths) -> float:
-    """EER (percent) of the model being trained on the held-out dev list, embedding sharded across processes."""
-    from asv.extract import ModelEmbedder, embed_cached
-    from asv.metrics import compute_eer
-    from asv.scoring import trial_scores
-
-    net = accelerator.unwrap_model(model)
-    net.eval()
-    items = unique_utterances(dev_trials)
-    vectors = embed_cached(
-        ModelEmbedder(upstream, net), items, lengths, None, cfg.data.test_effects, accelerator, num_workers=0
-    )
-    net.train()
-    return 100.0 * compute_eer(trial_scores(vectors, dev_trials), [t.label for t in dev_trials])[0]
-
-
-def save_checkpoint(accelerator, model, upstream, cfg: TrainConfig, state: TrainState, exp_dir: Path) -> Path:
-    """Write exp_dir/step-<N>/ through a temporary directory so a crash never leaves a half checkpoint."""
-    final = exp_dir / f"step-{state.step}"
-    tmp = exp_dir / f".tmp-step-{state.step}"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)  # before any rank writes its RNG state into it
-    accelerator.wait_for_everyone()
+def main(argv: list[str] | None = None) -> Path | None:
     try:
-        accelerator.save_state(str(tmp))  # model (trainable parts only), optimizer, scheduler, RNG
-        accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
-        if accelerator.is_main_process:
-            weights = accelerator.unwrap_model(model).embedder_state_dict()
-            if cfg.model.upstream_trainable:  # a fine-tuned upstream is part of the embedder
-                weights.update({f"upstream.{k}": v for k, v in accelerator.unwrap_model(upstream).state_dict().items()})
-            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "embedder.safetensors")
-            save_config(cfg, tmp / "config.yaml")
-            # The loop position as JSON, written last: its presence marks a complete checkpoint.
-            (tmp / "train_state.json").write_text(json.dumps(state.state_dict()))
-    except (OSError, RuntimeError, SafetensorError) as err:  # disk full, quota, I/O error (torch says RuntimeError)
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = list_checkpoints(exp_dir)
-        kept = f"{previous[-1][1]} is untouched" if previous else "no earlier checkpoint exists"
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SystemExit(
-            f"error: could not write checkpoint {final} ({msg}); {kept}. Free disk space and rerun "
-            "the same command: it resumes from the newest checkpoint"
-        ) from None
-    if accelerator.is_main_process:
-        # Renames only, so a kill at any point leaves either the old or the new step-N complete
-        # (remove_interrupted_saves puts a stranded .old-step-N back).
-        old = exp_dir / f".old-step-{state.step}"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        # Pruning only after the new checkpoint is in place: a failed save never costs an old one.
-        if cfg.run.keep_num_ckpts:
-            for _, stale in list_checkpoints(exp_dir)[: -cfg.run.keep_num_ckpts]:
-                shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def unreadable_files(accelerator, dataset) -> int:
-    """Failed training-file loads summed over processes (TrainDataset counts them in shared memory)."""
-    count = torch.tensor(dataset.num_unreadable.value, device=accelerator.device)
-    return int(accelerator.reduce(count, reduction="sum"))
-
-
-def check_resumable(saved_cfg: TrainConfig, cfg: TrainConfig, ckpt: Path) -> None:
-    """The model and loss must match the checkpoint's; everything else may change on resume."""
-    for section in ("model", "loss"):
-        old, new = to_dict(getattr(saved_cfg, section)), to_dict(getattr(cfg, section))
-        diff = [k for k in new if old.get(k) != new[k]]
-        if diff:
-            k = diff[0]
-            raise SystemExit(
-                f"error: {ckpt} was trained with {k}={old.get(k)!r}, this run has {k}={new[k]!r}; "
-                "use the same setting or a new --exp_dir"
-            )
+        cfg, extra = parse(
+            TrainConfig,
+            argv,
+            extra={"--list_upstreams": dict(action="store_true", help="print every s3prl upstream name and exit")},
+        )
+        if extra["list_upstreams"]:
+            print("\n".join(list_upstreams()))
+            return None
+        return train(cfg)
+    except AsvError as err:  # the library explains in one line; the script exits with it
+        raise SystemExit(f"error: {describe(err)}") from None
 
 
 def train(cfg: TrainConfig) -> Path:
     exp_dir = Path(cfg.run.exp_dir)
     if os.environ.get("WANDB_SWEEP_ID"):  # every sweep trial trains in its own directory
         exp_dir = exp_dir / f"sweep-{os.environ['WANDB_SWEEP_ID']}-{os.environ.get('WANDB_RUN_ID', int(time.time()))}"
-    mode = wandb_mode(cfg.run.wandb_mode)
     # The plugin needs the accumulation before Accelerator exists; every launcher (accelerate launch,
     # torchrun, SLURM through them) exports WORLD_SIZE.
     accumulate = gradient_accumulation(cfg.optim, int(os.environ.get("WORLD_SIZE", 1)), cfg.data.batch_size)
+    mode = wandb_mode(cfg.run.wandb_mode)
     accelerator = Accelerator(
         mixed_precision=cfg.run.mixed_precision,
         # Accumulation runs across epoch ends (s3prl counts backward passes globally), so an update
@@ -201,13 +97,149 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.print("warning: bf16 on a CPU is about 100x slower than fp32 here; use --mixed_precision no")
     set_seed(cfg.run.seed)
     preemption = Preemption()
+    run = build_run(cfg, accelerator)
+    state, resumed = resume_or_start(cfg, accelerator, run.model, exp_dir)
+    log = open_logs(cfg, accelerator, exp_dir, state, mode)
+    model, upstream, optimizer, scheduler, loader = run.model, run.upstream, run.optimizer, run.scheduler, run.loader
+    finetune = cfg.model.upstream_trainable
+    print_banner(cfg, accelerator, run, accumulate, state, resumed)
 
-    # ---- data, model, optimizer
-    try:
-        upstream = build_upstream(cfg.model.upstream, cfg.model.upstream_ckpt, cfg.model.upstream_normalize)
-        augment = build_augmenter(cfg.data)  # None unless an augmentation flag is set
-    except (UpstreamError, AugmentError) as err:
-        raise SystemExit(f"error: {err}") from None
+    def checkpoint() -> None:
+        weights = lambda: embedder_weights(accelerator, model, upstream if finetune else None)  # noqa: E731
+        save_checkpoint(accelerator, weights, lambda p: save_config(cfg, p), state, exp_dir, cfg.run.keep_num_ckpts)
+        if run.dev_trials:
+            eer = dev_eer(accelerator, upstream, model, run.dev_trials, run.dev_lengths, cfg.data.test_effects)
+            accelerator.log({"dev/eer": eer}, step=state.step)
+            bar.write(f"step {state.step}: dev EER {eer:.2f}%")
+            log.write({"step": state.step, "dev/eer": eer})
+
+    bar = UpdateBar(cfg.run.total_steps, state.step, enabled=accelerator.is_main_process)
+    if cfg.run.save_initial and state.step == 0 and resumed is None:
+        checkpoint()
+
+    # ---- the loop: one optimizer update every `accumulate` batches
+    # bf16/fp16 only pays off for neural upstreams; signal-processing front-ends stay in fp32.
+    neural = cfg.model.upstream not in WEIGHT_FREE
+
+    def upstream_precision():
+        return accelerator.autocast() if neural else torch.autocast(accelerator.device.type, enabled=False)
+
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    stats = RunningStats(accelerator.device, cfg.run.max_consecutive_skips)
+    t_start, last_saved = time.time(), state.step
+    model.train()
+    upstream.train(finetune)
+    head = accelerator.unwrap_model(model).head  # its margin schedule follows the global step
+    while state.step < cfg.run.total_steps:
+        loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for wav, wav_len, labels in batches:
+            state.batch_in_epoch += 1
+            head.set_step(state.step)
+            try:
+                with accelerator.accumulate(model, *([upstream] if finetune else [])):
+                    # The frozen upstream runs in inference mode, so no autograd graph goes through it.
+                    hidden, hidden_len = upstream_features(upstream, wav, wav_len, finetune, upstream_precision())
+                    loss, logits = model(hidden, hidden_len, labels)
+                    accelerator.backward(loss)
+                    stats.add(loss, logits, labels)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.gradient_clipping)
+                        # s3prl skips the update when the gradient is not finite; so do we, count it, and
+                        # give up when it keeps happening (the run has diverged).
+                        applied = bool(torch.isfinite(grad_norm))
+                        if applied:
+                            optimizer.step()
+                            if scheduler is not None:
+                                scheduler.step()
+                        stats.update_done(applied)
+                    optimizer.zero_grad()
+            except torch.OutOfMemoryError:
+                # s3prl's OOM check is inverted and never fires; here the batch is dropped and counted.
+                if accelerator.num_processes > 1:  # the other ranks would wait for this one's gradients forever
+                    raise AsvError(
+                        f"out of memory at step {state.step} (batch {state.batch_in_epoch} of epoch {state.epoch}); "
+                        "lower --batch_size or --max_secs"
+                    ) from None
+                optimizer.zero_grad()
+                torch.cuda.empty_cache()
+                stats.out_of_memory()
+                stats.check(state.step)
+                continue  # not an update: the step counter only counts real ones
+            stats.check(state.step)
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            bar.update()
+
+            if state.step % cfg.run.log_step == 0 or state.step == cfg.run.total_steps:
+                lr = optimizer.param_groups[0]["lr"]
+                weights = accelerator.unwrap_model(model).layer_weights()
+                record = stats.record(
+                    accelerator, cfg.run.log_step, lr, grad_norm, unreadable_files(accelerator, run.dataset), weights
+                )
+                accelerator.log(record, step=state.step)
+                log.write({"step": state.step, **record})
+                bar.set_loss(record["train/loss"])
+                bar.write(
+                    f"step {state.step}/{cfg.run.total_steps} epoch {state.epoch} loss {record['train/loss']:.4f} "
+                    f"acc {record['train/acc']:.3f} lr {lr:.2e} grad_norm {record['train/grad_norm']:.2f}"
+                )
+            if state.step % cfg.run.save_step == 0 or state.step == cfg.run.total_steps:
+                checkpoint()
+                last_saved = state.step
+            if preemption.requested(accelerator):
+                if last_saved != state.step:
+                    checkpoint()
+                bar.write(
+                    f"received signal {preemption.signal or 'on another rank'}: saved step {state.step} and stopped; "
+                    "run the same command again to resume"
+                )
+                return finish(accelerator, bar, exp_dir)
+            if state.step >= cfg.run.total_steps:
+                break
+        else:  # the epoch ran out before total_steps: next epoch, from its first batch
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    if last_saved != state.step and state.step > 0:
+        checkpoint()
+    if accelerator.is_main_process:
+        # This run's last save, not whatever has the highest number.
+        shutil.copy(step_dir(exp_dir, state.step) / "embedder.safetensors", exp_dir / "embedder.safetensors")
+        summary = {
+            "steps": state.step,
+            "skipped_updates": stats.skipped_updates,
+            "oom_batches": stats.oom_batches,
+            "unreadable_files": run.dataset.num_unreadable.value,
+            "train_seconds": round(time.time() - t_start, 1),
+            **run.stats,
+        }
+        (exp_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    finish(accelerator, bar, exp_dir)
+    accelerator.print(f"done: {state.step} updates; checkpoints in {exp_dir}")
+    return exp_dir
+
+
+@dataclass
+class Run:
+    """What build_run sets up: the prepared model, optimizer, scheduler and loader, and the data they read."""
+
+    upstream: torch.nn.Module
+    model: SpeakerModel
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    loader: DataLoader
+    dataset: TrainDataset
+    stats: dict
+    dev_trials: list[Trial] | None
+    dev_lengths: dict[str, int]
+
+
+def build_run(cfg: TrainConfig, accelerator: Accelerator) -> Run:
+    """Upstream, data, model, optimizer and loader, through one accelerator.prepare."""
+    upstream = build_upstream(cfg.model.upstream, cfg.model.upstream_ckpt, cfg.model.upstream_normalize)
+    augment = build_augmenter(cfg.data)  # None unless an augmentation flag is set
     upstream.to(accelerator.device)
     finetune = cfg.model.upstream_trainable
     upstream.requires_grad_(finetune)
@@ -215,20 +247,16 @@ def train(cfg: TrainConfig) -> Path:
         disable_layerdrop(upstream)
         if cfg.run.gradient_checkpointing:
             accelerator.print(f"gradient checkpointing on {enable_gradient_checkpointing(upstream)} upstream layers")
-    try:
-        dataset, speakers, stats = load_train_set(
-            Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed, augment
-        )
-    except (OSError, ValueError) as err:  # a missing or malformed manifest: the message names file and line
-        raise SystemExit(f"error: {err}") from None
+    dataset, speakers, stats = load_train_set(
+        Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed, augment
+    )
     model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=len(speakers))
     optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, model, upstream if finetune else None)
-    sampler = EpochSampler(len(dataset), cfg.run.seed)
     workers = cfg.data.num_workers
     loader = DataLoader(
         dataset,
         batch_size=cfg.data.batch_size,
-        sampler=sampler,
+        sampler=EpochSampler(len(dataset), cfg.run.seed),
         collate_fn=collate_train,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -240,258 +268,99 @@ def train(cfg: TrainConfig) -> Path:
         upstream = accelerator.prepare(upstream)
     if scheduler is not None:
         scheduler = accelerator.prepare(scheduler)
-    # The loop position is kept in train_state.json, not registered with Accelerate: its
-    # custom_checkpoint_*.pkl would be unpickled with weights_only=False on load.
-    state = TrainState()
     dev_path = Path(cfg.data.data_dir) / "trials" / f"{DEV_LIST}.csv"
     dev_trials = read_trials_csv(dev_path) if cfg.run.eval_dev and dev_path.is_file() else None
+    dev_lengths = {}
     if dev_trials:
         from asv.extract import audio_lengths
 
         dev_lengths = audio_lengths([p for t in dev_trials for p in (t.wav_path1, t.wav_path2)])
+    return Run(upstream, model, optimizer, scheduler, loader, dataset, stats, dev_trials, dev_lengths)
 
-    # ---- resume: an explicit directory, else the newest complete checkpoint in exp_dir
+
+def resume_or_start(cfg: TrainConfig, accelerator: Accelerator, model, exp_dir: Path) -> tuple[TrainState, Path | None]:
+    """The loop position: from --resume_ckpt_dir, else the newest usable checkpoint in exp_dir, else step 0.
+    The position lives in train_state.json, not registered with Accelerate: its custom_checkpoint_*.pkl would be
+    unpickled with weights_only=False on load."""
     if accelerator.is_main_process:
         for stale in remove_interrupted_saves(exp_dir):
             accelerator.print(f"cleaned up {stale.name}, left by a save that was interrupted")
     accelerator.wait_for_everyone()
-    existing = list_checkpoints(exp_dir)
+    state, existing = TrainState(), list_checkpoints(exp_dir)
     resume = Path(cfg.run.resume_ckpt_dir) if cfg.run.resume_ckpt_dir else None
-    try:
-        if resume is None and existing:
-            if not cfg.run.auto_resume:
-                raise SystemExit(
-                    f"error: {exp_dir} already has checkpoints (newest {existing[-1][1].name}); "
-                    "use --auto_resume true to continue, or a new --exp_dir"
-                )
-            resume = newest_usable(existing)  # warns about each corrupt newer one it skips
-            if resume is None:  # never silently restart from step 0 over a run's checkpoints
-                raise SystemExit(
-                    f"error: none of the {len(existing)} checkpoints in {exp_dir} is usable (warnings above); "
-                    "move them away to start over, or use a new --exp_dir"
-                )
-        elif resume is not None:
-            verify_checkpoint(resume)
-        if resume is not None:
-            check_resumable(load_train_config(resume / "config.yaml"), cfg, resume)
-            # The prepared (possibly DDP-wrapped) model's names: what save_state wrote and load_state expects.
-            check_weights_match(resume / "model.safetensors", model.state_dict(), "this model")
-            accelerator.load_state(str(resume))
-            state.load_state_dict(read_train_state(resume))
-    except CheckpointError as err:
-        raise SystemExit(f"error: cannot resume: {err}") from None
+    if resume is None and existing:
+        if not cfg.run.auto_resume:
+            raise AsvError(
+                f"{exp_dir} already has checkpoints (newest {existing[-1][1].name}); "
+                "use --auto_resume true to continue, or a new --exp_dir"
+            )
+        newest = usable(existing, for_resume=True, newest_only=True)  # warns about each corrupt newer one
+        if not newest:  # never silently restart from step 0 over a run's checkpoints
+            raise AsvError(
+                f"none of the {len(existing)} checkpoints in {exp_dir} is usable (warnings above); "
+                "move them away to start over, or use a new --exp_dir"
+            )
+        resume = newest[0][1]
+    elif resume is not None:
+        verify_checkpoint(resume)
     if resume is not None:
-        accelerator.print(
-            f"resumed from {resume} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})"
-        )
+        check_resumable(load_train_config(resume / "config.yaml"), cfg, resume)
+        # The prepared (possibly DDP-wrapped) model's names: what save_state wrote and load_state expects.
+        check_weights_match(resume / "model.safetensors", model.state_dict(), "this model")
+        accelerator.load_state(str(resume))
+        state.load_state_dict(read_train_state(resume))
+    return state, resume
 
-    log_path = exp_dir / "train_log.jsonl"
+
+def open_logs(cfg: TrainConfig, accelerator: Accelerator, exp_dir: Path, state: TrainState, mode: str) -> JsonLog:
+    """config.yaml and train_log.jsonl in exp_dir (log lines past the resumed step dropped), and W&B."""
+    log = JsonLog(exp_dir / "train_log.jsonl", enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         exp_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, exp_dir / "config.yaml")
-        if log_path.is_file():  # a killed run may have logged past its last checkpoint: drop those lines
-            kept = [r for r in log_path.read_text().splitlines() if json.loads(r)["step"] <= state.step]
-            log_path.write_text("".join(r + "\n" for r in kept))
-    run_id_file = exp_dir / "wandb_id.txt"
-    if accelerator.is_main_process and not run_id_file.exists():
-        run_id_file.write_text(os.environ.get("WANDB_RUN_ID") or f"{exp_dir.name}-{int(time.time())}")
+        log.drop_after(state.step)
     accelerator.wait_for_everyone()
-    accelerator.init_trackers(
-        cfg.run.wandb_project,
-        config=to_dict(cfg),
-        init_kwargs={
-            "wandb": {
-                "mode": mode,
-                "dir": str(exp_dir),
-                "name": exp_dir.name,
-                "id": run_id_file.read_text(),
-                "resume": "allow",
-            }
-        },
-    )
+    start_tracking(accelerator, cfg.run.wandb_project, to_dict(cfg), exp_dir, mode, exp_dir.name, resume=True)
+    return log
 
-    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    effective = cfg.data.batch_size * accelerator.num_processes * accumulate
+
+def print_banner(
+    cfg: TrainConfig, accelerator: Accelerator, run: Run, accumulate: int, state: TrainState, resumed
+) -> None:
+    """The banner: what trains on what, the effective batch, and where the run starts."""
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     accelerator.print(
-        f"training {cfg.model.upstream} -> {cfg.model.downstream} + {cfg.loss.loss} "
-        f"on {stats['utterances']} utterances "
-        f"({stats['dropped_short']} dropped as <= {cfg.data.min_secs}s after VAD), {stats['classes']} speakers; "
-        f"{num_trainable / 1e6:.2f} M trainable parameters\n"
-        f"effective batch {effective} = {cfg.data.batch_size} per device x {accelerator.num_processes} processes x "
-        f"{accumulate} accumulation; {len(loader)} batches per epoch per process; "
-        f"{cfg.run.total_steps} updates on {accelerator.device} (mixed precision: {cfg.run.mixed_precision})"
-        + (f"; dev list: {len(dev_trials)} trials" if dev_trials else "")
+        f"training {cfg.model.upstream} -> {cfg.model.downstream} + {cfg.loss.loss} on {run.stats['utterances']} "
+        f"utterances ({run.stats['dropped_short']} dropped as <= {cfg.data.min_secs}s after VAD), "
+        f"{run.stats['classes']} speakers; {trainable / 1e6:.2f} M trainable parameters\n"
+        f"effective batch {cfg.data.batch_size * accelerator.num_processes * accumulate} = {cfg.data.batch_size} per "
+        f"device x {accelerator.num_processes} processes x {accumulate} accumulation; {len(run.loader)} batches per "
+        f"epoch per process; {cfg.run.total_steps} updates on {accelerator.device} (mixed precision: "
+        f"{cfg.run.mixed_precision})"
+        + (f"; dev list: {len(run.dev_trials)} trials (opt-in dev selection)" if run.dev_trials else "")
     )
-
-    def checkpoint() -> None:
-        save_checkpoint(accelerator, model, upstream, cfg, state, exp_dir)
-        if dev_trials:
-            eer = dev_eer(accelerator, upstream, model, cfg, dev_trials, dev_lengths)
-            accelerator.log({"dev/eer": eer}, step=state.step)
-            accelerator.print(f"step {state.step}: dev EER {eer:.2f}%")
-            if accelerator.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": state.step, "dev/eer": eer}) + "\n")
-
-    if cfg.run.save_initial and state.step == 0 and resume is None:
-        checkpoint()
-
-    # ---- the loop: one optimizer update every `accumulate` batches
-    # bf16/fp16 only pays off for neural upstreams; signal-processing front-ends stay in fp32.
-    upstream_autocast = cfg.model.upstream not in WEIGHT_FREE
-    sums = torch.zeros(3, device=accelerator.device)  # loss, correct, count since the last log
-    skipped_updates = oom_batches = consecutive_skips = 0
-    t_log, t_start, last_saved = time.time(), time.time(), state.step
-    model.train()
-    upstream.train(finetune)
-    head = accelerator.unwrap_model(model).head  # its margin schedule follows the global step
-    while state.step < cfg.run.total_steps:
-        loader.set_epoch(state.epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for wav, wav_len, labels in epoch_loader:
-            state.batch_in_epoch += 1
-            head.set_step(state.step)
-            try:
-                with accelerator.accumulate(model, *([upstream] if finetune else [])):
-                    with (
-                        accelerator.autocast() if upstream_autocast else torch.autocast(wav.device.type, enabled=False)
-                    ):
-                        if finetune:
-                            hidden, hidden_len = upstream(wav, wav_len)
-                        else:
-                            hidden, hidden_len = trainable_inputs(*upstream_forward(upstream, wav, wav_len))
-                    loss, logits = model(hidden, hidden_len, labels)
-                    accelerator.backward(loss)
-                    finite = torch.isfinite(loss.detach()).float()  # a NaN loss must not poison the logged mean
-                    sums += torch.stack(
-                        [
-                            torch.nan_to_num(loss.detach().float(), 0.0, 0.0, 0.0) * len(labels) * finite,
-                            (logits.argmax(-1) == labels).sum().float() * finite,
-                            len(labels) * finite,
-                        ]
-                    )
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(
-                            [p for g in optimizer.param_groups for p in g["params"]], cfg.optim.gradient_clipping
-                        )
-                        # s3prl skips the update when the gradient is not finite; so do we, count it, and
-                        # give up when it keeps happening (the run has diverged).
-                        if torch.isfinite(grad_norm):
-                            optimizer.step()
-                            if scheduler is not None:
-                                scheduler.step()
-                            consecutive_skips = 0
-                        else:
-                            skipped_updates += 1
-                            consecutive_skips += 1
-                    optimizer.zero_grad()
-            except torch.OutOfMemoryError:
-                # s3prl's OOM check is inverted and never fires; here the batch is dropped and counted.
-                if accelerator.num_processes > 1:  # the other ranks would wait for this one's gradients forever
-                    raise SystemExit(
-                        f"error: out of memory at step {state.step} (batch {state.batch_in_epoch} of epoch "
-                        f"{state.epoch}); lower --batch_size or --max_secs"
-                    ) from None
-                optimizer.zero_grad()
-                torch.cuda.empty_cache()
-                oom_batches += 1
-                consecutive_skips += 1
-                too_many_skips(consecutive_skips, cfg, state)
-                continue  # not an update: the step counter only counts real ones
-            too_many_skips(consecutive_skips, cfg, state)
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-
-            if state.step % cfg.run.log_step == 0 or state.step == cfg.run.total_steps:
-                totals = accelerator.reduce(sums, reduction="sum")
-                lr = optimizer.param_groups[0]["lr"]
-                record = {
-                    "train/loss": (totals[0] / totals[2].clamp(min=1)).item(),
-                    "train/acc": (totals[1] / totals[2].clamp(min=1)).item(),
-                    "train/lr": lr,
-                    "train/grad_norm": float(grad_norm),
-                    "train/skipped_updates": skipped_updates,
-                    "train/oom_batches": oom_batches,
-                    # Training files that failed to load since this process started (each was replaced).
-                    "train/unreadable_files": unreadable_files(accelerator, dataset),
-                    "train/updates_per_s": cfg.run.log_step / max(time.time() - t_log, 1e-9),
-                }
-                weights = accelerator.unwrap_model(model).layer_weights()
-                if weights is not None:
-                    record.update({f"featurizer/layer_{i}": w for i, w in enumerate(weights.tolist())})
-                accelerator.log(record, step=state.step)
-                accelerator.print(
-                    f"step {state.step}/{cfg.run.total_steps} epoch {state.epoch} loss {record['train/loss']:.4f} "
-                    f"acc {record['train/acc']:.3f} lr {lr:.2e} grad_norm {record['train/grad_norm']:.2f}"
-                )
-                if accelerator.is_main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": state.step, **record}) + "\n")
-                sums.zero_()
-                t_log = time.time()
-            if state.step % cfg.run.save_step == 0 or state.step == cfg.run.total_steps:
-                checkpoint()
-                last_saved = state.step
-            if preemption.requested(accelerator):
-                if last_saved != state.step:
-                    checkpoint()
-                accelerator.print(
-                    f"received signal {preemption.signal or 'on another rank'}: saved step {state.step} and stopped; "
-                    "run the same command again to resume"
-                )
-                finish(accelerator)
-                return exp_dir
-            if state.step >= cfg.run.total_steps:
-                break
-        else:  # the epoch ran out before total_steps: next epoch, from its first batch
-            state.epoch += 1
-            state.batch_in_epoch = 0
-
-    if last_saved != state.step and state.step > 0:
-        checkpoint()
-    if accelerator.is_main_process:
-        final = exp_dir / f"step-{state.step}"  # this run's last save, not whatever has the highest number
-        shutil.copy(final / "embedder.safetensors", exp_dir / "embedder.safetensors")
-        (exp_dir / "train_summary.json").write_text(
-            json.dumps(
-                {
-                    "steps": state.step,
-                    "skipped_updates": skipped_updates,
-                    "oom_batches": oom_batches,
-                    "unreadable_files": dataset.num_unreadable.value,
-                    "train_seconds": round(time.time() - t_start, 1),
-                    **stats,
-                },
-                indent=1,
-            )
+    if resumed:
+        accelerator.print(
+            f"resumed from {resumed} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
-    finish(accelerator)
-    accelerator.print(f"done: {state.step} updates; checkpoints in {exp_dir}")
-    return exp_dir
 
 
-def finish(accelerator) -> None:
-    """End trackers and the process group after a barrier. The barrier lets gloo's worker thread finish
-    destroying the last collectives (they hold Python tensors, so it needs the GIL); without it, tearing
+def embedder_weights(accelerator: Accelerator, model, finetuned_upstream) -> dict[str, torch.Tensor]:
+    """What evaluation loads: featurizer + downstream, and a fine-tuned upstream (a frozen one is never copied)."""
+    weights = accelerator.unwrap_model(model).embedder_state_dict()
+    if finetuned_upstream is not None:
+        weights |= {f"upstream.{k}": v for k, v in accelerator.unwrap_model(finetuned_upstream).state_dict().items()}
+    return weights
+
+
+def finish(accelerator: Accelerator, bar: UpdateBar, exp_dir: Path) -> Path:
+    """End the bar, the trackers and the process group after a barrier. The barrier lets gloo's worker thread
+    finish destroying the last collectives (they hold Python tensors, so it needs the GIL); without it, tearing
     the group down as train() returns could deadlock against that thread (seen in the 2-process test)."""
+    bar.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-
-
-def main(argv: list[str] | None = None) -> Path | None:
-    cfg, extra = parse(
-        TrainConfig,
-        argv,
-        extra={"--list_upstreams": dict(action="store_true", help="print every s3prl upstream name and exit")},
-    )
-    if extra["list_upstreams"]:
-        print("\n".join(list_upstreams()))
-        return None
-    try:
-        return train(cfg)
-    except AsvError as err:  # the library explains; the script exits with that one line
-        raise SystemExit(f"error: {err}") from None
+    return exp_dir
 
 
 if __name__ == "__main__":

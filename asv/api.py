@@ -19,18 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asv.data import DEV_LIST, read_trials_csv, unique_utterances
+from asv.errors import BadAudioError
 from asv.extract import Embedder, audio_lengths, embed_cached
+from asv.manifest import DEV_LIST, read_trials_csv, unique_utterances
 from asv.metrics import compute_eer
+from asv.rundir import EvalLayout, read_train_state, verify_checkpoint
 from asv.scoring import cosine_scores, trial_scores
 
 
 @lru_cache(maxsize=4)
 def load_embedder(ckpt_dir: str, device: str | None = None) -> Embedder:
-    ckpt = Path(ckpt_dir)
-    if not (ckpt / "train_state.json").is_file():
-        raise FileNotFoundError(f"{ckpt} is not a checkpoint directory (no train_state.json): pass exp/<run>/step-<N>")
-    return Embedder(ckpt, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    verify_checkpoint(Path(ckpt_dir), for_resume=False)  # CheckpointError, naming the file, if it is not usable
+    return Embedder(Path(ckpt_dir), device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def embed(
@@ -45,7 +45,7 @@ def embed(
     paths = [str(p) for p in paths]
     for p in paths:
         if not Path(p).is_file():
-            raise FileNotFoundError(f"{p} does not exist")
+            raise BadAudioError(p, "missing")
     embedder = load_embedder(str(ckpt_dir), device)
     effects = embedder.test_effects if test_effects is None else test_effects
     vectors = embed_cached(
@@ -57,8 +57,9 @@ def embed(
 def dev_threshold(ckpt_dir: str | Path, test_effects: bool | None = None) -> tuple[float | None, str]:
     """(EER threshold on the dev list, where it came from), or (None, why not)."""
     ckpt = Path(ckpt_dir)
-    step = json.loads((ckpt / "train_state.json").read_text())["step"]
-    saved = ckpt.parent / "evaluate" / DEV_LIST / f"step-{step}" / "results.json"
+    step = read_train_state(ckpt)["step"]
+    layout = EvalLayout.of_run(ckpt.parent)  # evaluate.py's default --out_dir
+    saved = layout.results(DEV_LIST, step)
     if saved.is_file() and test_effects is None:
         return json.loads(saved.read_text())["eer_threshold"], f"dev EER threshold, from {saved}"
     embedder = load_embedder(str(ckpt))
@@ -68,8 +69,7 @@ def dev_threshold(ckpt_dir: str | Path, test_effects: bool | None = None) -> tup
     trials = read_trials_csv(dev)
     items = unique_utterances(trials)
     effects = embedder.test_effects if test_effects is None else test_effects
-    cache = ckpt.parent / "evaluate" / f"step-{step}" / "embeddings.npz"
-    vectors = embed_cached(embedder, items, audio_lengths([p for _, p in items]), cache, effects)
+    vectors = embed_cached(embedder, items, audio_lengths([p for _, p in items]), layout.embeddings(step), effects)
     eer, threshold = compute_eer(trial_scores(vectors, trials), [t.label for t in trials])
     return threshold, f"dev EER threshold ({100 * eer:.2f}% EER on {len(trials)} dev trials)"
 

@@ -275,3 +275,14 @@ def read_crop(
     if not pieces:
         return np.zeros(0, dtype=np.float32)
     return apply_gain(_finite_mono(path, np.concatenate(pieces)), gain_db)
+
+
+# The sox command line SUPERB applies; recorded next to the cached intervals in vad.json.
+VAD_DESCRIPTION = "sox silence 1 0.1 0.1% -1 0.1 0.1%"
+
+
+def compute_vad(wav: np.ndarray | str, gain_db: float) -> list[list[int]]:
+    """Intervals the SUPERB VAD keeps for one file (or its loaded samples), on the gained signal
+    (gain changes what is 'silence')."""
+    wav = apply_gain(load_audio(wav) if isinstance(wav, str | Path) else wav, gain_db)
+    return [[int(s), int(e)] for s, e in speech_intervals(wav, SAMPLE_RATE)]

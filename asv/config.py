@@ -1,22 +1,49 @@
-"""Typed configs shared by prepare.py, train.py and evaluate.py.
+"""Typed configs of prepare.py, train.py and evaluate.py, parsed by simple-parsing.
 
 Every default is SuperbASV's `default_config` (s3prl 0.4.18, spec section 3.1) unless its comment says
-otherwise. The comment above each field is its `--help` text. Flags are flat (`--upstream`, `--lr`);
-`--config_path FILE.yaml` sets defaults that flags override; unknown keys are errors.
+otherwise. The comment above each field is its `--help` text. Flags are flat (`--upstream`, `--lr`).
+Precedence is simple-parsing's: defaults < `--config_path FILE.yaml` < flags. A config file holds only
+deltas, nested by section like the config.yaml a run saves (`run: {total_steps: 10}`); a flat key
+(`total_steps: 10`) is accepted too and filed under its section. Unknown keys, flags and values outside a
+field's choices are `ConfigError`s naming them, raised while parsing, before anything is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
-from simple_parsing import ArgumentParser, DashVariant
+from simple_parsing import ArgumentParser, DashVariant, choice
+
+from asv.corpora import CORPORA
+from asv.errors import ConfigError, one_line
+from asv.losses import LOSSES
+from asv.models import DOWNSTREAMS
+
+# torch.optim's optimizer classes: the registry --optimizer chooses from.
+OPTIMIZERS = sorted(
+    n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+)
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class _Checked:
+    """Values outside a field's choices are refused however they arrive (flag, config file, saved config.yaml)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("custom_args", {}).get("choices")
+            value = getattr(self, f.name)
+            if allowed and value not in allowed:
+                raise ConfigError(f"{f.name}: {value!r} is not one of: {', '.join(map(str, allowed))}")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Checked):
     """Where the prepared data is and how training audio is read."""
 
     # Prepared data directory written by prepare.py (train.csv, speakers.json, vad.json, trials/).
@@ -50,7 +77,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Checked):
     """Upstream, featurizer and downstream."""
 
     # s3prl hub name of the frozen upstream (`python train.py --list_upstreams` prints all). Default:
@@ -68,7 +95,7 @@ class ModelConfig:
     # Layer-normalise hidden states before the weighted sum (Featurizer `normalize`; SUPERB: off).
     featurizer_normalize: bool = False
     # Downstream model by name (registry asv.models.DOWNSTREAMS): xvector (SUPERB) | ecapa (ECAPA-TDNN).
-    downstream: str = "xvector"
+    downstream: str = choice(*DOWNSTREAMS, default="xvector")
     # Speaker embedding size (ECAPA-TDNN papers use 192).
     embed_dim: int = 512
     # Width of the projector and TDNN layers (used by: xvector).
@@ -84,11 +111,11 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(_Checked):
     """Speaker-classification head."""
 
     # Loss by name (registry asv.losses.LOSSES): amsoftmax | aamsoftmax | subcenter_aam | softmax.
-    loss: str = "amsoftmax"
+    loss: str = choice(*LOSSES, default="amsoftmax")
     # Margin: additive cosine margin for amsoftmax, additive angle in radians for aamsoftmax and
     # subcenter_aam (s3prl's legacy AAM used 0.3, WeSpeaker 0.2).
     margin: float = 0.4
@@ -104,11 +131,11 @@ class LossConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Checked):
     """Optimizer and learning-rate schedule."""
 
     # torch.optim class name.
-    optimizer: str = "AdamW"
+    optimizer: str = choice(*OPTIMIZERS, default="AdamW")
     # Learning rate (s3prl's maintainers advise a log-scale sweep per upstream: sweeps/lr.yaml).
     lr: float = 1e-4
     # Weight decay (torch's AdamW default, applied to every trainable tensor as in s3prl).
@@ -132,7 +159,7 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Checked):
     """Loop length, checkpoints, logging and hardware."""
 
     # Run directory: checkpoints step-<N>/, config.yaml, W&B files.
@@ -155,7 +182,7 @@ class RunConfig:
     seed: int = 0
     # no | fp16 | bf16, for neural upstreams (signal-processing front-ends such as fbank stay fp32).
     # Keep `no` on CPUs: bf16 matmuls there are ~100x slower than fp32.
-    mixed_precision: str = "no"
+    mixed_precision: str = choice("no", "fp16", "bf16", default="no")
     # torch.compile the featurizer + downstream + head (inductor, dynamic shapes). Opt-in: compiling
     # takes minutes and pays off only on long GPU runs.
     compile: bool = False
@@ -167,13 +194,13 @@ class RunConfig:
     # log dev/eer: the metric W&B sweeps minimise and evaluate.py selects checkpoints by.
     eval_dev: bool = True
     # W&B: auto (online when logged in, else offline) | online | offline | disabled.
-    wandb_mode: str = "auto"
+    wandb_mode: str = choice(*WANDB_MODES, default="auto")
     # W&B project name.
     wandb_project: str = "superb-asv"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Checked):
     """train.py: SUPERB ASV training. Defaults are SuperbASV.default_config (s3prl 0.4.18):
     build_dataset.train.{min_secs,max_secs} -> --min_secs --max_secs; build_batch_sampler.train.batch_size
     -> --batch_size (test batch size: evaluate.py); build_upstream.{name,path_or_url,normalize} -> --upstream
@@ -194,76 +221,184 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@dataclass
+class PrepareConfig(_Checked):
+    """prepare.py: build train.csv, speakers.json, vad.json and trials/*.csv."""
+
+    # demo (generated here) | voxceleb1 (official layout) | manifest (any corpus, from your CSV).
+    dataset: str = choice(*CORPORA, default="demo")
+    # Corpus root: voxceleb1 reads DIR/dev/wav and DIR/test/wav; demo generates the corpus there
+    # (default data/demo_corpus); manifest resolves relative trial paths against it.
+    dataset_root: str | None = None
+    # Trial lists in VoxCeleb format ('<1|0> <utt1> <utt2>'). voxceleb1 default: voxceleb1_test_v2.txt
+    # (SUPERB, 37,720 trials) and veri_test2.txt (cleaned Vox1-O, 37,611), from DIR, the cache or the web.
+    trials: list[str] | None = None
+    # manifest only: CSV with columns wav_path,spk (and optionally id) listing the training utterances.
+    train_csv: str | None = None
+    # Output directory (default data/<dataset>).
+    out_dir: str | None = None
+    # Where downloaded trial lists are kept.
+    cache_dir: str = "~/.cache/superb-asv"
+    # Gain applied before the VAD, in dB (SUPERB's sox `gain -3`); train.py applies the same value.
+    gain_db: float = -3.0
+    # Processes used to read lengths and run the VAD over the training set.
+    num_workers: int = 2
+    # Redo everything even if the outputs exist.
+    force: bool = False
+    # Opt-in honest model selection, which CHANGES THE TRAINING SET: hold this many training speakers out
+    # (a fraction if < 1, else a count) to form trials/dev.csv, on which train.py logs dev/eer and evaluate.py
+    # selects the checkpoint. Default 0: every Vox1-dev speaker trains, exactly as SUPERB (its numbers are then
+    # comparable to the paper and leaderboard, which select on test). 0.05 holds out 61 of 1,211.
+    dev_speakers: float = 0.0
+    # Dev trials (half target, half non-target), over at most --dev_utts_per_speaker utterances per speaker.
+    dev_trials: int = 10_000
+    # Dev utterances kept per held-out speaker (bounds the extra embedding work per checkpoint).
+    dev_utts_per_speaker: int = 30
+    # Seed of the dev split (and of the demo corpus).
+    seed: int = 0
+    # demo: number of training speakers.
+    demo_train_speakers: int = 80
+    # demo: number of test speakers (disjoint from training).
+    demo_test_speakers: int = 20
+    # demo: recordings (videos, each its own channel) per speaker.
+    demo_videos: int = 3
+    # demo: utterances per recording.
+    demo_utts_per_video: int = 5
+    # demo: number of trials (balanced targets / non-targets).
+    demo_trials: int = 3000
+
+
+@dataclass
+class EvalConfig(_Checked):
+    """evaluate.py: score checkpoints on prepared trial lists."""
+
+    # One checkpoint directory (exp/<run>/step-<N>).
+    ckpt_dir: str | None = None
+    # A run directory: evaluate all its checkpoints (or --test_ckpt_steps).
+    exp_dir: str | None = None
+    # With --exp_dir, only these steps (default: every checkpoint).
+    test_ckpt_steps: list[int] | None = None
+    # Prepared data directory holding trials/*.csv (default: the one the checkpoint was trained on).
+    data_dir: str | None = None
+    # Prepared trial lists to score, by name (file stem in data_dir/trials; default: all of them).
+    trial_names: list[str] | None = None
+    # VoxCeleb-format trial lists ('<1|0> <wav1> <wav2>' per line) to score as well, without prepare.py.
+    trials: list[str] | None = None
+    # Root for relative paths in --trials files (tried as ROOT/p, ROOT/wav/p, ROOT/test/wav/p, ROOT/dev/wav/p);
+    # default: the list's own directory, then the prepared corpus root.
+    wav_root: str | None = None
+    # Score one pair: two wav files; prints the cosine score and the decision at the dev-EER threshold.
+    pair: list[str] | None = None
+    # Apply the training gain + VAD to test audio (default: as the checkpoint was trained, i.e. raw unless set).
+    test_effects: bool | None = None
+    # Also report AS-norm scores: top-N cohort of training-speaker mean embeddings (off: SUPERB scores raw cosine).
+    asnorm: bool = False
+    # AS-norm: cohort scores kept per side (clipped to the number of training speakers).
+    asnorm_top_n: int = 300
+    # AS-norm: training utterances embedded per cohort speaker (whole utterances, first by id).
+    asnorm_utts_per_speaker: int = 3
+    # Batch budget in padded samples (items x longest): utterances are length-sorted into batches of at
+    # most this much audio (400,000 = 25 s at 16 kHz; raise it on GPUs; 1 = one utterance at a time, as s3prl).
+    # Padding never changes an embedding (tested equal to one-at-a-time).
+    eval_max_frames: int = 400_000
+    # DataLoader worker processes.
+    num_workers: int = 2
+    # Reuse and write step-<N>/embeddings.npz (false: always re-embed, write nothing).
+    cache: bool = True
+    # Also write the scored utterances' embeddings to DIR/step-<N>.npz (ids, paths, embeddings).
+    export_embeddings: str | None = None
+    # Write DET curves, score histograms and layer-weight plots (PNG, and to W&B).
+    plots: bool = True
+    # Where results go (default: <exp_dir>/evaluate).
+    out_dir: str | None = None
+    # W&B: auto | online | offline | disabled; EER is logged at each checkpoint's step.
+    wandb_mode: str = choice(*WANDB_MODES, default="auto")
+
+
+class _Parser(ArgumentParser):
+    """argparse reports a bad flag with its whole usage block and exits; here it is one ConfigError line."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (--help lists every flag and its choices)")
+
+
 def parse(config_cls, argv: list[str] | None = None, extra: dict | None = None):
-    """Parse `argv` into `config_cls`: defaults < --config_path YAML < flags. Unknown keys are errors.
+    """Parse `argv` into `config_cls`: defaults < --config_path YAML < flags. Bad input is a ConfigError.
 
-    The YAML may be nested by section (`run: {total_steps: 10}`) or flat (`total_steps: 10`); it only
-    holds deltas. `extra` adds plain argparse flags that are actions rather than settings (e.g.
-    --list_upstreams). Returns (config, dict_of_extras).
+    `extra` adds plain argparse flags that are actions rather than settings (e.g. --list_upstreams).
+    Returns (config, dict_of_extras).
     """
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = _pop_config_path(argv)
-    defaults = load_yaml_config(config_path, config_cls) if config_path else config_cls()
-    parser = ArgumentParser(add_option_string_dash_variants=DashVariant.UNDERSCORE)
+    parser = _Parser(add_option_string_dash_variants=DashVariant.UNDERSCORE)
     parser.add_argument(
         "--config_path", default=None, metavar="FILE", help="YAML file of config deltas (flags override it)"
     )
-    parser.add_arguments(config_cls, dest="cfg", default=defaults)
+    parser.add_arguments(config_cls, dest="cfg")
     for flag, kwargs in (extra or {}).items():
         parser.add_argument(flag, **kwargs)
-    args = parser.parse_args(argv)  # argparse exits with a one-line error on unknown flags
+    known, _ = _ConfigPathOnly().parse_known_args(argv)
+    if known.config_path:
+        path = known.config_path
+        parser.set_defaults(cfg=_nested(_read_yaml(path), config_cls, path))
+    args = parser.parse_args(argv)
     extras = {k: v for k, v in vars(args).items() if k not in ("cfg", "config_path")}
     return args.cfg, extras
 
 
-def _pop_config_path(argv: list[str]) -> str | None:
-    for i, a in enumerate(argv):
-        if a.startswith("--config_path="):
-            del argv[i]
-            return a.split("=", 1)[1]
-        if a == "--config_path" and i + 1 < len(argv):
-            path = argv[i + 1]
-            del argv[i : i + 2]
-            return path
-    return None
+class _ConfigPathOnly(_Parser):
+    """Reads --config_path ahead of the real parse, so the file's values can become the parser's defaults."""
+
+    def __init__(self):
+        super().__init__(add_help=False)
+        self.add_argument("--config_path", default=None)
 
 
-def load_yaml_config(path: str, config_cls):
-    """`config_cls()` with the YAML's values applied; an unknown key is an error naming file and key."""
+def _read_yaml(path: str) -> dict:
     if not Path(path).is_file():
-        raise SystemExit(f"error: config file {path} does not exist")
-    data = yaml.safe_load(Path(path).read_text()) or {}
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of config keys")
-    sections = {f.name: _cls(f) for f in dataclasses.fields(config_cls) if dataclasses.is_dataclass(_cls(f))}
-    values: dict[str, dict] = {name: {} for name in sections}
-    top: dict = {}
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return data
+
+
+def _nested(data: dict, config_cls, path: str) -> dict:
+    """File flat keys (`lr: 0.1`) under their section (`optim: {lr: 0.1}`); the rest is simple-parsing's."""
+    sections = {
+        f.name: f.default_factory for f in dataclasses.fields(config_cls) if dataclasses.is_dataclass(f.default_factory)
+    }
     owner = {f.name: name for name, cls in sections.items() for f in dataclasses.fields(cls)}
+    nested: dict = {}
     for key, value in data.items():
         if key in sections and isinstance(value, dict):
             names = {f.name for f in dataclasses.fields(sections[key])}
-            for sub, v in value.items():
+            for sub in value:
                 if sub not in names:
-                    raise SystemExit(f"error: {path}: unknown key '{key}.{sub}' (valid: {', '.join(sorted(names))})")
-                values[key][sub] = v
+                    raise ConfigError(f"{path}: unknown key '{key}.{sub}' (valid: {', '.join(sorted(names))})")
+            nested.setdefault(key, {}).update(value)
         elif key in owner:
-            values[owner[key]][key] = value
-        elif key in {f.name for f in dataclasses.fields(config_cls)}:
-            top[key] = value
+            nested.setdefault(owner[key], {})[key] = value
+        elif key in {f.name for f in dataclasses.fields(config_cls)} and key not in sections:
+            nested[key] = value
         else:
-            raise SystemExit(f"error: {path}: unknown key '{key}'")
-    try:
-        return config_cls(**top, **{name: cls(**values[name]) for name, cls in sections.items()})
-    except TypeError as err:
-        raise SystemExit(f"error: {path}: {err}") from None
+            raise ConfigError(f"{path}: unknown key '{key}'")
+    for name, values in nested.items():  # choices checked here too, with the file named
+        if name in sections:
+            _check_choices(sections[name], values, path, name)
+    if not sections:
+        _check_choices(config_cls, nested, path, None)
+    return nested
 
 
-def _cls(f):
-    if f is None:
-        return None
-    return f.default_factory if f.default_factory is not dataclasses.MISSING else f.type
+def _check_choices(cls, values: dict, path: str, section: str | None) -> None:
+    for f in dataclasses.fields(cls):
+        allowed = f.metadata.get("custom_args", {}).get("choices")
+        if allowed and f.name in values and values[f.name] not in allowed:
+            key = f"{section}.{f.name}" if section else f.name
+            raise ConfigError(f"{path}: {key}: {values[f.name]!r} is not one of: {', '.join(map(str, allowed))}")
 
 
 def to_dict(cfg) -> dict:
@@ -276,20 +411,9 @@ def save_config(cfg, path: Path) -> None:
 
 def load_train_config(path: Path) -> TrainConfig:
     """Rebuild a TrainConfig from a saved config.yaml (evaluation and resume never trust their own flags)."""
-    data = yaml.safe_load(Path(path).read_text())
-    sections = {f.name: _cls(f) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{name: cls(**data.get(name, {})) for name, cls in sections.items()})
-
-
-__all__ = [
-    "DataConfig",
-    "ModelConfig",
-    "LossConfig",
-    "OptimConfig",
-    "RunConfig",
-    "TrainConfig",
-    "parse",
-    "save_config",
-    "load_train_config",
-    "to_dict",
-]
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+        sections = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{name: cls(**(data.get(name) or {})) for name, cls in sections.items()})
+    except (OSError, TypeError, ValueError, AttributeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path} is not a train.py config ({one_line(err)})") from None

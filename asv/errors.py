@@ -42,3 +42,14 @@ def one_line(err: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (or its type), for embedding in a one-line error."""
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:limit]
+
+
+def describe(err: AsvError) -> str:
+    """The one line a script prints for `err`. An error raised in a DataLoader worker reaches the main process
+    with the worker's traceback as its message; its last line is the original `module.Class: message`."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        head, _, rest = last.partition(": ")
+        return rest if rest and head.endswith(type(err).__name__) else last
+    return text

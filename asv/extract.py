@@ -27,11 +27,13 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from asv.checkpoint import CheckpointError, check_weights_match
 from asv.config import load_train_config
-from asv.data import EvalDataset, collate_eval, length_buckets
+from asv.datasets import EvalDataset, collate_eval, length_buckets
+from asv.errors import BadAudioError, one_line
 from asv.models import XVECTOR_LENGTH_REDUCTION, build_speaker_model
-from asv.upstream import UpstreamError, build_upstream, upstream_forward
+from asv.progress import progress
+from asv.rundir import check_weights_match
+from asv.upstream import build_upstream, upstream_forward
 
 CACHE_VERSION = 1
 
@@ -64,26 +66,21 @@ class Embedder(ModelEmbedder):
 
     def __init__(self, ckpt: Path, device="cpu", upstream_cache: dict | None = None):
         self.ckpt = Path(ckpt)
-        self.cfg = load_config_or_die(self.ckpt)
+        self.cfg = load_train_config(self.ckpt / "config.yaml")
         upstream_cache = {} if upstream_cache is None else upstream_cache
         m = self.cfg.model
         key = (m.upstream, m.upstream_ckpt, m.upstream_normalize)
         if key not in upstream_cache or m.upstream_trainable:  # frozen upstreams are shared across checkpoints
             upstream_cache.clear()
-            try:
-                upstream_cache[key] = build_upstream(*key).to(device)
-            except UpstreamError as err:
-                raise SystemExit(f"error: {err}") from None
+            upstream_cache[key] = build_upstream(*key).to(device)
         self.upstream = upstream_cache[key]
         self.model = build_speaker_model(m, self.cfg.loss, self.upstream, num_classes=1)
         expected = self.model.embedder_state_dict()
         if m.upstream_trainable:  # fine-tuned upstream weights travel in the embedder file
             expected.update({f"upstream.{k}": v for k, v in self.upstream.state_dict().items()})
-        try:  # names and shapes first: a checkpoint of another upstream or head fails with one line
-            what = f"the model its config.yaml describes (upstream {m.upstream})"
-            check_weights_match(self.ckpt / "embedder.safetensors", expected, what)
-        except CheckpointError as err:
-            raise SystemExit(f"error: {err}") from None
+        # Names and shapes first: a checkpoint of another upstream or head fails with one line.
+        what = f"the model its config.yaml describes (upstream {m.upstream})"
+        check_weights_match(self.ckpt / "embedder.safetensors", expected, what)
         state = load_file(self.ckpt / "embedder.safetensors")
         if m.upstream_trainable:
             self.upstream.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("upstream.")})
@@ -105,13 +102,6 @@ class Embedder(ModelEmbedder):
         return h.hexdigest()
 
 
-def load_config_or_die(ckpt: Path):
-    try:
-        return load_train_config(Path(ckpt) / "config.yaml")
-    except (OSError, TypeError, ValueError, AttributeError) as err:
-        raise SystemExit(f"error: {Path(ckpt) / 'config.yaml'} is not a train.py config ({err})") from None
-
-
 def audio_lengths(paths: list[str]) -> dict[str, int]:
     """Samples per file from the headers (no decode): what the batcher sorts by."""
     lengths = {}
@@ -119,8 +109,8 @@ def audio_lengths(paths: list[str]) -> dict[str, int]:
         try:
             lengths[p] = sf.info(p).frames
         except (sf.LibsndfileError, RuntimeError, OSError) as err:
-            raise SystemExit(
-                f"error: {p} is unreadable ({err}); re-run prepare.py, which drops trials of bad files"
+            raise BadAudioError(
+                p, "unreadable", f"{one_line(err)}; re-run prepare.py, which drops trials of bad files"
             ) from None
     return lengths
 
@@ -138,6 +128,7 @@ def embed_all(
     batches: list[list[int]],
     accelerator: Accelerator | None = None,
     num_workers: int = 0,
+    desc: str = "embedding",
 ) -> np.ndarray:
     """(N, E) embeddings in dataset order, each whole utterance once, batch by batch.
 
@@ -149,9 +140,13 @@ def embed_all(
 
     def run(my_batches) -> list:
         loader = DataLoader(dataset, batch_sampler=my_batches, collate_fn=collate_eval, num_workers=num_workers)
+        # Each process shows its own share; the main process's bar stands for all of them.
+        shown = progress(
+            loader, sum(map(len, my_batches)), desc, "utt", size=lambda b: len(b[0]), enabled=_is_main(accelerator)
+        )
         return [
             (idx.numpy(), embedder(wav.to(device), wav_len.to(device)).float().cpu().numpy())
-            for idx, wav, wav_len in loader
+            for idx, wav, wav_len in shown
         ]
 
     if accelerator is None or accelerator.num_processes == 1:
@@ -163,6 +158,10 @@ def embed_all(
     for idx, emb in parts:
         out[idx] = emb
     return out
+
+
+def _is_main(accelerator: Accelerator | None) -> bool:
+    return accelerator is None or accelerator.is_main_process
 
 
 def load_cache(path: Path, fingerprint: str) -> dict[str, tuple[str, np.ndarray]]:
@@ -201,6 +200,7 @@ def embed_cached(
     accelerator: Accelerator | None = None,
     max_frames: int = 400_000,
     num_workers: int = 0,
+    desc: str = "embedding",
 ) -> dict[str, np.ndarray]:
     """{wav_path: embedding} for every (id, wav_path) in items, embedding only what the cache lacks."""
     fingerprint = embedder.fingerprint(effects) if cache_file else ""
@@ -209,9 +209,9 @@ def embed_cached(
     if todo:
         batches = length_sorted_batches([lengths[p] for _, p in todo], max_frames)
         dataset = EvalDataset(todo, effects=effects, min_samples=embedder.min_samples)
-        emb = embed_all(embedder, dataset, batches, accelerator, num_workers)
+        emb = embed_all(embedder, dataset, batches, accelerator, num_workers, desc)
         entries.update({p: (i, e) for (i, p), e in zip(todo, emb, strict=True)})
-        if cache_file and (accelerator is None or accelerator.is_main_process):
+        if cache_file and _is_main(accelerator):
             save_cache(cache_file, fingerprint, entries)
         if accelerator is not None:
             accelerator.wait_for_everyone()

@@ -23,9 +23,11 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
+from asv.manifest import make_trials
+
 SAMPLE_RATE = 16000
 # Bump when the generator changes what a seed produces, so prepare.py regenerates a stale corpus.
-CORPUS_VERSION = 2
+CORPUS_VERSION = 3
 
 # F1-F4 (Hz) of six vowels for an adult male vocal tract (Peterson & Barney-like averages).
 VOWEL_FORMANTS = np.array(
@@ -255,26 +257,6 @@ def _write_speaker(
     return paths, seconds
 
 
-def make_trials(paths: list[str], num_trials: int, rng: np.random.Generator) -> list[tuple[int, str, str]]:
-    """Balanced target / non-target trials, no pair twice; targets cross videos where possible."""
-    speaker = np.array([p.split("/")[0] for p in paths])
-    video = np.array([p.split("/")[1] for p in paths])
-    i, j = np.triu_indices(len(paths), k=1)
-    same_spk = speaker[i] == speaker[j]
-    cross_video = same_spk & (video[i] != video[j])
-    same_video = same_spk & (video[i] == video[j])
-    half = num_trials // 2
-    # Cross-video targets first (the harder, VoxCeleb-like case), topped up with same-video pairs.
-    targets = rng.permutation(np.flatnonzero(cross_video))[:half]
-    if len(targets) < half:
-        targets = np.concatenate([targets, rng.permutation(np.flatnonzero(same_video))[: half - len(targets)]])
-    nontargets = rng.choice(np.flatnonzero(~same_spk), size=min(len(targets), int((~same_spk).sum())), replace=False)
-    trials = [(1, paths[i[k]], paths[j[k]]) for k in targets] + [(0, paths[i[k]], paths[j[k]]) for k in nontargets]
-    order = rng.permutation(len(trials))
-    # Randomise which side of each pair is the enrolment utterance.
-    return [(lab, a, b) if rng.random() < 0.5 else (lab, b, a) for lab, a, b in (trials[k] for k in order)]
-
-
 def generate_corpus(
     root: Path,
     seed: int = 0,
@@ -311,8 +293,9 @@ def generate_corpus(
         seconds += secs
         if split == "test":
             test_paths += paths
-    trials = make_trials(test_paths, num_trials, np.random.default_rng(streams[-1]))
-    (root / "trials.txt").write_text("".join(f"{lab} {a} {b}\n" for lab, a, b in trials))
+    test_utts = [(p, p, p.split("/")[0]) for p in test_paths]
+    trials = make_trials(test_utts, num_trials, np.random.default_rng(streams[-1]))
+    (root / "trials.txt").write_text("".join(f"{t.label} {t.id1} {t.id2}\n" for t in trials))
     num_utts = (num_train_speakers + num_test_speakers) * videos_per_speaker * utts_per_video
     return {
         "train_speakers": num_train_speakers,
@@ -320,5 +303,5 @@ def generate_corpus(
         "utterances": num_utts,
         "hours": round(seconds / 3600, 3),
         "trials": len(trials),
-        "target_trials": sum(lab for lab, _, _ in trials),
+        "target_trials": sum(t.label for t in trials),
     }

@@ -44,6 +44,7 @@ __all__ = [
     "enable_gradient_checkpointing",
     "list_upstreams",
     "trainable_inputs",
+    "upstream_features",
     "upstream_forward",
 ]
 
@@ -131,6 +132,15 @@ def upstream_forward(upstream: S3PRLUpstream, wav: torch.Tensor, wav_len: torch.
     pass, so a training step clones them first (`trainable_inputs`)."""
     upstream.eval()
     return upstream(wav, wav_len)
+
+
+def upstream_features(upstream, wav: torch.Tensor, wav_len: torch.Tensor, trainable: bool, precision):
+    """The hidden states a training step feeds the featurizer, under the `precision` autocast context: a
+    fine-tuned upstream runs with autograd; a frozen one in inference mode, its outputs copied out of it."""
+    with precision:
+        if trainable:
+            return upstream(wav, wav_len)
+        return trainable_inputs(*upstream_forward(upstream, wav, wav_len))
 
 
 def trainable_inputs(hidden: list[torch.Tensor], hidden_len: list[torch.Tensor]):

@@ -46,10 +46,11 @@ from s3prl.problem import SuperbASV  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from asv.config import TrainConfig, load_train_config, parse, save_config  # noqa: E402
-from asv.data import EvalDataset, collate_eval, read_trials_csv, unique_utterances  # noqa: E402
+from asv.datasets import EvalDataset, collate_eval  # noqa: E402
 
 # Our evaluation machinery (asv/extract.py), imported in this one place.
 from asv.extract import Embedder, audio_lengths, embed_all, length_sorted_batches  # noqa: E402
+from asv.manifest import read_trials_csv, unique_utterances  # noqa: E402
 from asv.metrics import metrics  # noqa: E402
 from asv.models import build_speaker_model  # noqa: E402
 from asv.scoring import cosine_scores  # noqa: E402
@@ -181,7 +182,7 @@ def time_floor(embedder, loaded) -> float:
 
 def resolve_ckpt(path: str) -> str:
     """A step-<N> checkpoint directory, or a run directory (its newest checkpoint)."""
-    from asv.checkpoint import list_checkpoints
+    from asv.rundir import list_checkpoints
 
     if (Path(path) / "train_state.json").is_file():
         return path

@@ -32,14 +32,12 @@ from bench.common import DATA_DIR, ROOT, WORK, gib, machine_banner, prepare_demo
 
 s3prl_shim.install()  # before asv.upstream: the parity check below calls the shim directly
 
+from asv.audio import compute_vad  # noqa: E402
 from asv.config import TrainConfig  # noqa: E402
-from asv.data import (  # noqa: E402
+from asv.datasets import EpochSampler, collate_train, load_train_set  # noqa: E402
+from asv.manifest import (  # noqa: E402
     TRAIN_FIELDS,
-    EpochSampler,
     Utterance,
-    collate_train,
-    compute_vad,
-    load_train_set,
     read_train_csv,
     write_csv,
 )

@@ -14,7 +14,8 @@ from asv.augment import (
     speed_perturb,
 )
 from asv.config import DataConfig
-from asv.data import TrainDataset, Utterance
+from asv.datasets import TrainDataset
+from asv.manifest import Utterance
 
 SR = 16000
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from asv.config import LossConfig, ModelConfig
-from asv.data import length_buckets
+from asv.datasets import length_buckets
 from asv.models import build_speaker_model
 from asv.upstream import build_upstream, upstream_forward
 

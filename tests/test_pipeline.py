@@ -190,21 +190,13 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_log(tmp_path, data_dir):
 
 
 def test_two_processes_same_layout_and_scores(tmp_path, data_dir):
+    # SGD, not AdamW: Adam divides by sqrt(v), so a float-order difference in a near-zero gradient element
+    # moves that weight by up to ~lr whatever the data, and a weight comparison could neither pass on every CPU
+    # nor catch a wrong gradient. SGD's update is linear in the gradient, so equal gradient sums give equal
+    # weight changes up to float order.
+    sgd = ["--optimizer", "SGD", "--lr", "0.1", "--total_steps", "2", "--save_step", "2"]
     exp = tmp_path / "exp2"
-    args = [
-        "train.py",
-        *TRAIN,
-        "--data_dir",
-        str(data_dir),
-        "--exp_dir",
-        str(exp),
-        "--batch_size",
-        "2",
-        "--total_steps",
-        "2",
-        "--save_step",
-        "2",
-    ]
+    args = ["train.py", *TRAIN, *sgd, "--data_dir", str(data_dir), "--exp_dir", str(exp), "--batch_size", "2"]
     out = launch_2proc(args)
     assert "effective batch 8 = 2 per device x 2 processes x 2 accumulation" in out.stdout
     ckpt = exp / "step-2"
@@ -213,26 +205,18 @@ def test_two_processes_same_layout_and_scores(tmp_path, data_dir):
     # One process with the same effective batch (4 per device x 2 accumulation) sees the same utterances
     # and crops per update, so its losses and weights match within float tolerance.
     one = tmp_path / "exp1"
-    run(
-        [
-            "train.py",
-            *TRAIN,
-            "--data_dir",
-            str(data_dir),
-            "--exp_dir",
-            str(one),
-            "--total_steps",
-            "2",
-            "--save_step",
-            "2",
-        ]
-    )
+    run(["train.py", *TRAIN, *sgd, "--data_dir", str(data_dir), "--exp_dir", str(one), "--save_initial", "true"])
     np.testing.assert_allclose([v for _, v in losses(one)], [v for _, v in losses(exp)], rtol=1e-5)
     from safetensors.numpy import load_file
 
+    w0 = load_file(one / "step-0" / "embedder.safetensors")  # the same seeded initialisation in both runs
     w1, w2 = load_file(one / "step-2" / "embedder.safetensors"), load_file(ckpt / "embedder.safetensors")
     for k in w1:
-        np.testing.assert_allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        # Gradients summed in another order (2 ranks x 2 batches vs 2 batches) differ by ~1e-7 of the largest
+        # per-utterance gradient; with SGD the updates then agree to well within 1e-4 of the largest update.
+        update = np.abs(w1[k] - w0[k]).max()
+        assert update > 0, k  # every tensor trains: the comparison below is not vacuous
+        np.testing.assert_allclose(w2[k] - w0[k], w1[k] - w0[k], rtol=0, atol=1e-4 * update, err_msg=k)
     # Sharded evaluation gathers every utterance exactly once: the same scores as one process.
     evaluate = ["evaluate.py", "--ckpt_dir", str(ckpt), "--wandb_mode", "disabled", "--num_workers", "0"]
     launch_2proc([*evaluate, "--out_dir", str(tmp_path / "ev2")])

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from asv.data import hold_out_speakers, make_trials
+from asv.corpora import hold_out_speakers
+from asv.manifest import make_trials
 from asv.scoring import as_norm, cohort_stats, cosine_scores, speaker_means
 
 

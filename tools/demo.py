@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from asv.audio import load_audio  # noqa: E402
 from asv.baseline import mean_mfcc_scores  # noqa: E402
-from asv.data import read_trials_csv  # noqa: E402
+from asv.manifest import read_trials_csv  # noqa: E402
 from asv.metrics import metrics  # noqa: E402
 
 DATA, EXP, CONFIG = ROOT / "data/demo", ROOT / "exp/demo", ROOT / "configs/demo.yaml"

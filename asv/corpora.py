@@ -1,0 +1,312 @@
+"""What prepare.py reads: each corpus by name (CORPORA), the trial lists it scores, and the one decode per file
+that finds lengths, VAD intervals and unusable audio.
+
+A corpus builder takes the PrepareConfig and returns a `Corpus`: the training utterances as (id, wav_path, spk)
+and the trial lists by name. A new corpus is a function and a CORPORA entry.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import shutil
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from asv.audio import SAMPLE_RATE, compute_vad, load_audio
+from asv.errors import BadAudioError, ConfigError, ManifestError
+from asv.manifest import DEV_LIST, Trial, make_trials, read_voxceleb_trials
+from asv.progress import progress
+
+TRIAL_URLS = {
+    "voxceleb1_test_v2.txt": [
+        "https://openslr.magicdatatech.com/resources/49/voxceleb1_test_v2.txt",
+        "https://www.openslr.org/resources/49/voxceleb1_test_v2.txt",
+    ],
+    "veri_test2.txt": [
+        "https://www.robots.ox.ac.uk/~vgg/data/voxceleb/meta/veri_test2.txt",
+        "https://mm.kaist.ac.kr/datasets/voxceleb/meta/veri_test2.txt",
+    ],
+}
+EXPECTED_TRIALS = {"voxceleb1_test_v2": 37_720, "veri_test2": 37_611}
+
+
+@dataclass
+class Corpus:
+    train: list[tuple[str, str, str]]  # (id, wav_path, spk)
+    trials: dict[str, list[Trial]]
+    version: int | None = None  # of a generated corpus: a newer generator makes prepared data stale
+    root: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def walk_wavs(root: Path) -> set[str]:
+    """Relative paths of every .wav under root, in one directory walk (not a glob per file)."""
+    found = set()
+    for dirpath, _, files in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for name in files:
+            if name.endswith(".wav"):
+                found.add(name if rel == "." else f"{rel}/{name}")
+    return found
+
+
+def fetch_trial_list(name: str, dataset_root: Path, cache_dir: Path) -> Path:
+    """A default trial list from the dataset root, the cache, or the web (into the cache)."""
+    for candidate in (dataset_root / name, cache_dir / name):
+        if candidate.is_file():
+            return candidate
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for url in TRIAL_URLS[name]:
+        try:
+            with urllib.request.urlopen(url, timeout=20) as r:
+                data = r.read()
+            (cache_dir / (name + ".tmp")).write_bytes(data)
+            (cache_dir / (name + ".tmp")).replace(cache_dir / name)
+            print(f"downloaded {url} -> {cache_dir / name}")
+            return cache_dir / name
+        except Exception as err:  # urllib raises several types; all mean "not downloadable"
+            errors.append(f"{url}: {getattr(err, 'reason', err)}")
+    raise ManifestError(
+        f"cannot download trial list {name} ({errors[0]}); place it at {dataset_root / name} "
+        f"or {cache_dir / name}, or pass --trials FILE"
+    )
+
+
+def voxceleb_layout(root: Path, trial_files: list[Path]) -> Corpus:
+    """Training = every dev utterance whose speaker is in no trial list (SUPERB: Vox1-dev minus the test
+    speakers); trial utterances resolve against test/wav, then dev/wav."""
+    dev, test = root / "dev" / "wav", root / "test" / "wav"
+    if not dev.is_dir():
+        raise ManifestError(
+            f"{dev} does not exist: --dataset_root must be the VoxCeleb1 root "
+            "(DIR/dev/wav/<spk>/<video>/<utt>.wav, DIR/test/wav/...)"
+        )
+    dev_files = walk_wavs(dev)
+    test_files = walk_wavs(test) if test.is_dir() else set()
+    trials, trial_speakers = {}, set()
+    for path in trial_files:
+        rows, missing = [], []
+        for label, a, b in read_voxceleb_trials(path):
+            resolved = []
+            for utt in (a, b):
+                base = test if utt in test_files else dev if utt in dev_files else None
+                if base is None:
+                    missing.append(utt)
+                resolved.append(str(base / utt) if base else "")
+                trial_speakers.add(utt.split("/")[0])
+            rows.append(Trial(a, b, resolved[0], resolved[1], label))
+        if missing:
+            uniq = sorted(set(missing))
+            raise ManifestError(
+                f"{path}: {len(uniq)} trial utterances are not under {test} or {dev} "
+                f"(first: {', '.join(uniq[:3])}); is --dataset_root the VoxCeleb1 root?"
+            )
+        trials[Path(path).stem] = rows
+    train = [
+        (rel, str(dev / rel), rel.split("/")[0]) for rel in sorted(dev_files) if rel.split("/")[0] not in trial_speakers
+    ]
+    return Corpus(train, trials, root=root)
+
+
+def voxceleb1(cfg) -> Corpus:
+    if not cfg.dataset_root:
+        raise ConfigError("--dataset voxceleb1 needs --dataset_root DIR (the folder holding dev/wav and test/wav)")
+    root = Path(cfg.dataset_root)
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    files = [Path(t) for t in cfg.trials] if cfg.trials else [fetch_trial_list(n, root, cache_dir) for n in TRIAL_URLS]
+    return voxceleb_layout(root, files)
+
+
+def demo(cfg) -> Corpus:
+    """The embedded synthetic corpus (asv/synth.py), generated once under --dataset_root in VoxCeleb1 layout."""
+    from asv.synth import CORPUS_VERSION, generate_corpus
+
+    root = Path(cfg.dataset_root or "data/demo_corpus")
+    marker = root / "corpus.json"
+    args = dict(
+        seed=cfg.seed,
+        num_train_speakers=cfg.demo_train_speakers,
+        num_test_speakers=cfg.demo_test_speakers,
+        videos_per_speaker=cfg.demo_videos,
+        utts_per_video=cfg.demo_utts_per_video,
+        num_trials=cfg.demo_trials,
+    )
+    wanted = {**args, "version": CORPUS_VERSION}
+    if cfg.force or not marker.is_file() or json.loads(marker.read_text())["args"] != wanted:
+        if root.exists() and any(root.iterdir()):
+            if not marker.is_file():  # never delete what we did not generate
+                raise ConfigError(
+                    f"{root} is not empty and holds no corpus.json: pass another --dataset_root for the demo"
+                )
+            for sub in ("dev", "test"):
+                shutil.rmtree(root / sub, ignore_errors=True)
+            marker.unlink()
+        print(f"generating the demo corpus in {root} ...")
+        info = generate_corpus(root, **args)
+        marker.write_text(json.dumps({"args": wanted, "summary": info}, indent=1))
+    trial_list = root / "demo_test.txt"  # the trial list's name is its stem: trials/demo_test.csv
+    trial_list.write_text((root / "trials.txt").read_text())
+    corpus = voxceleb_layout(root, [Path(t) for t in cfg.trials or [trial_list]])
+    corpus.version = CORPUS_VERSION
+    return corpus
+
+
+def manifest(cfg) -> Corpus:
+    """Any corpus: training utterances from a CSV (wav_path,spk[,id]), trials from VoxCeleb-format lists whose
+    relative paths resolve against --dataset_root, else the trial file's folder."""
+    if not cfg.train_csv or not cfg.trials:
+        raise ConfigError("--dataset manifest needs --train_csv FILE and --trials FILE [FILE ...]")
+    train_csv, root = Path(cfg.train_csv), Path(cfg.dataset_root) if cfg.dataset_root else None
+    if not train_csv.is_file():
+        raise ManifestError(f"--train_csv {train_csv} does not exist")
+    with open(train_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"wav_path", "spk"} <= set(reader.fieldnames or []):
+            raise ManifestError(
+                f"{train_csv}: needs columns wav_path,spk (and optionally id); found {reader.fieldnames}"
+            )
+        rows = list(reader)
+    train = [(r.get("id") or r["wav_path"], r["wav_path"], r["spk"]) for r in rows]
+    missing = [p for _, p, _ in train if not Path(p).is_file()]
+    if missing:
+        raise ManifestError(
+            f"{train_csv}: {len(missing)} wav_path entries do not exist (first: {', '.join(missing[:3])})"
+        )
+    trials = {}
+    for path in map(Path, cfg.trials):
+        base = root or path.parent
+        rows, missing = [], []
+        for label, a, b in read_voxceleb_trials(path):
+            pa, pb = (str(Path(u) if Path(u).is_absolute() else base / u) for u in (a, b))
+            missing += [p for p in (pa, pb) if not Path(p).is_file()]
+            rows.append(Trial(a, b, pa, pb, label))
+        if missing:
+            uniq = sorted(set(missing))
+            raise ManifestError(
+                f"{path}: {len(uniq)} trial files do not exist (first: {', '.join(uniq[:3])}); "
+                "relative paths resolve against --dataset_root, else the trial file's directory"
+            )
+        trials[path.stem] = rows
+    return Corpus(train, trials, root=root)
+
+
+# name -> builder(PrepareConfig) -> Corpus: what `prepare.py --dataset NAME` reads.
+CORPORA = {"demo": demo, "voxceleb1": voxceleb1, "manifest": manifest}
+
+
+def hold_out_speakers(speakers: list[str], amount: float, seed: int) -> set[str]:
+    """The speakers kept out of training for model selection: `amount` < 1 is a fraction of them
+    (rounded up, at least 2: a dev list needs non-target trials), >= 1 a count; 0 keeps everyone in
+    training (exact SUPERB parity, the default)."""
+    names = sorted(set(speakers))
+    n = max(2, int(np.ceil(amount * len(names)))) if 0 < amount < 1 else int(amount)
+    if n == 1:
+        raise ManifestError("a dev list needs at least 2 held-out speakers (non-target trials); pass 0 or >= 2")
+    if n < 0 or n > len(names) - 2:
+        raise ManifestError(f"cannot hold out {n} of {len(names)} training speakers (at least 2 must train); pass 0")
+    return set(np.random.default_rng(seed).choice(names, size=n, replace=False).tolist()) if n else set()
+
+
+def hold_out_dev(corpus: Corpus, amount: float, per_speaker: int, num_trials: int, seed: int) -> list[str]:
+    """Move `amount` of the training speakers (see hold_out_speakers) out of corpus.train into the trial list
+    DEV_LIST, over at most `per_speaker` utterances each. Returns the held-out speakers (sorted)."""
+    if DEV_LIST in corpus.trials:
+        raise ManifestError(
+            f"a trial list is named '{DEV_LIST}', which prepare.py reserves for held-out speakers; rename it"
+        )
+    held_out = hold_out_speakers([s for _, _, s in corpus.train], amount, seed)
+    if held_out:
+        rng = np.random.default_rng(seed)
+        dev_utts = []
+        for spk in sorted(held_out):
+            mine = [u for u in corpus.train if u[2] == spk]
+            keep = sorted(rng.choice(len(mine), size=min(len(mine), per_speaker), replace=False))
+            dev_utts += [mine[k] for k in keep]
+        corpus.train = [u for u in corpus.train if u[2] not in held_out]
+        corpus.trials[DEV_LIST] = make_trials(dev_utts, num_trials, seed)
+    return sorted(held_out)
+
+
+def corpus_version(name: str) -> int | None:
+    """The generator version behind a generated corpus (prepare.json records it: a newer one means stale data)."""
+    if name != "demo":
+        return None
+    from asv.synth import CORPUS_VERSION
+
+    return CORPUS_VERSION
+
+
+@dataclass
+class Probe:
+    """What prepare.py learns from decoding one file once."""
+
+    num_samples: int = 0  # at 16 kHz, after any resampling
+    intervals: list | None = None  # VAD intervals (training files only)
+    sample_rate: int = SAMPLE_RATE  # as stored
+    channels: int = 1
+    bad: str | None = None  # BadAudioError reason; the file is excluded
+    detail: str = ""
+
+
+def probe(path: str, gain_db: float, vad: bool = True) -> Probe:
+    """Decode `path` once: its length and VAD intervals, or why it is unusable. Never raises for a bad file,
+    so one corrupt utterance among 150,000 is reported instead of ending the pool."""
+    try:
+        wav = load_audio(path)
+        info = sf.info(path)
+    except BadAudioError as err:
+        return Probe(bad=err.reason, detail=str(err))
+    intervals = compute_vad(wav, gain_db) if vad else None
+    return Probe(len(wav), intervals, info.samplerate, info.channels)
+
+
+def probe_all(paths: list[str], gain_db: float, vad: bool, num_workers: int, desc: str) -> list[Probe]:
+    if num_workers > 1 and len(paths) > 1:
+        # spawn, not fork: a forked child of a process whose torch/OpenMP threads already ran can deadlock
+        # in resample (seen when prepare.main runs inside a larger program, e.g. the tests).
+        with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.map(probe, paths, [gain_db] * len(paths), [vad] * len(paths), chunksize=64)
+            return list(progress(results, len(paths), desc, "files"))
+    return [probe(p, gain_db, vad) for p in progress(paths, len(paths), desc, "files")]
+
+
+def audio_report(probes: dict[str, Probe]) -> tuple[list[str], dict]:
+    """Summary lines and counts for the probed files: bad ones by reason (first few named), resampled, downmixed."""
+    bad = {p: r for p, r in probes.items() if r.bad}
+    by_reason: dict[str, list[str]] = {}
+    for path, r in sorted(bad.items()):
+        by_reason.setdefault(r.bad, []).append(path)
+    lines = []
+    if bad:
+        lines.append(f"warning: {len(bad)} unusable audio files, excluded (all listed in bad_files.txt):")
+        for reason, paths in sorted(by_reason.items()):
+            lines.append(f"  {len(paths)} {reason}: " + ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else ""))
+    rates: dict[int, int] = {}
+    for r in probes.values():
+        if not r.bad and r.sample_rate != SAMPLE_RATE:
+            rates[r.sample_rate] = rates.get(r.sample_rate, 0) + 1
+    if rates:
+        lines.append(
+            f"warning: {sum(rates.values())} files are not {SAMPLE_RATE} Hz ("
+            + ", ".join(f"{n} at {sr} Hz" for sr, n in sorted(rates.items()))
+            + "): they are resampled on every load; resample them once offline to save time"
+        )
+    downmixed = sum(1 for r in probes.values() if not r.bad and r.channels > 1)
+    if downmixed:
+        lines.append(f"note: {downmixed} multi-channel files are downmixed to mono (channel mean) on load")
+    counts = {
+        "bad_files": len(bad),
+        "bad_by_reason": {k: len(v) for k, v in sorted(by_reason.items())},
+        "resampled_files": sum(rates.values()),
+        "downmixed_files": downmixed,
+    }
+    return lines, counts

@@ -1,0 +1,267 @@
+"""The run directory: every path under exp/<run>/, and when a checkpoint in it is safe to resume or evaluate.
+
+    exp/<run>/
+      config.yaml                 the resolved TrainConfig of the latest launch
+      train_log.jsonl             one JSON record per log step and per dev evaluation ({"step": N, ...})
+      train_summary.json          written when training ends: steps, skips, seconds, data statistics
+      embedder.safetensors        the last checkpoint's embedder (featurizer + downstream [+ upstream])
+      wandb_id.txt, wandb/        the W&B run this directory logs to (resumed, never duplicated)
+      step-<N>/                   a checkpoint: embedder.safetensors, model.safetensors (+ loss head),
+                                  optimizer.bin, scheduler.bin, random_states_<rank>.pkl, config.yaml and
+                                  train_state.json, written last: its presence marks a complete checkpoint
+      .tmp-step-<N>/, .old-step-<N>/   a save in progress (cleaned up on the next start)
+      evaluate/                   evaluate.py's outputs (EvalLayout; --out_dir puts them elsewhere)
+
+Nothing here unpickles: safetensors headers, JSON and YAML are read as data, and Accelerate's
+optimizer/scheduler/RNG files go through `accelerate.utils.load`, i.e. `torch.load(weights_only=True)`
+(tensors, containers and numpy arrays only), the same call its `load_state` makes afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from asv.errors import CheckpointError, one_line
+
+# Written by Accelerate's save_state and train.py; evaluation needs only the last three.
+RESUME_FILES = ("model.safetensors", "optimizer.bin", "random_states_0.pkl")
+EVAL_FILES = ("embedder.safetensors", "config.yaml", "train_state.json")
+# Accelerate's pickles of registered objects: its load_state reads them with weights_only=False.
+CUSTOM_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+# Other torch-serialised files Accelerate writes (optimizer_1.bin, scheduler.bin, random_states_1.pkl, ...).
+TORCH_FILES = re.compile(r"^(optimizer|scheduler|sampler|scaler|random_states)(_\d+)?\.(bin|pkl|pt)$")
+
+
+class TrainState:
+    """Loop position, checkpointed as train_state.json (JSON, so loading it runs no code)."""
+
+    def __init__(self):
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.epoch, self.batch_in_epoch = d["step"], d["epoch"], d["batch_in_epoch"]
+
+
+def step_dir(exp_dir: Path, step: int) -> Path:
+    return Path(exp_dir) / f"step-{step}"
+
+
+@dataclass
+class EvalLayout:
+    """evaluate.py's outputs under `root` (default exp/<run>/evaluate)."""
+
+    root: Path
+
+    @classmethod
+    def of_run(cls, exp_dir: Path, out_dir: str | Path | None = None) -> EvalLayout:
+        return cls(Path(out_dir) if out_dir else Path(exp_dir) / "evaluate")
+
+    def embeddings(self, step: int) -> Path:  # the per-checkpoint embedding cache (asv/extract.py)
+        return self.root / f"step-{step}" / "embeddings.npz"
+
+    def layer_weights(self, step: int) -> Path:
+        return self.root / f"step-{step}" / "layer_weights.png"
+
+    def scored(self, trials: str, step: int) -> Path:  # results.json, scores.txt, scores_hist.png
+        return self.root / trials / f"step-{step}"
+
+    def results(self, trials: str, step: int) -> Path:
+        return self.scored(trials, step) / "results.json"
+
+    def det(self, trials: str) -> Path:
+        return self.root / trials / "det.png"
+
+    def selected(self, trials: str) -> Path:  # the test result at the dev-selected checkpoint
+        return self.root / trials / "selected_result.json"
+
+    def best(self, trials: str) -> Path:  # the lowest EER on the list itself (SUPERB's protocol)
+        return self.root / trials / "best_result.json"
+
+
+def read_train_state(ckpt: Path) -> dict:
+    """train_state.json ({"step", "epoch", "batch_in_epoch"}), validated."""
+    path = Path(ckpt) / "train_state.json"
+    try:
+        state = json.loads(path.read_text())
+        if not all(isinstance(state.get(k), int) for k in ("step", "epoch", "batch_in_epoch")):
+            raise ValueError("needs integer step, epoch and batch_in_epoch")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({one_line(err)})") from None
+    return state
+
+
+def _check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the header; safetensors also checks the data really covers them (truncation)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # safetensors raises SafetensorError, OSError or its own Rust panics
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({one_line(err)})") from None
+
+
+def verify_checkpoint(ckpt: Path, for_resume: bool = True) -> None:
+    """Raise CheckpointError unless every file `ckpt` needs is present and loads without unpickling."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "train_state.json").is_file():
+        raise CheckpointError(
+            f"{ckpt} is not a checkpoint directory (no train_state.json); pass a step-<N> directory written by train.py"
+        )
+    read_train_state(ckpt)
+    needed = EVAL_FILES + (RESUME_FILES if for_resume else ())
+    missing = [n for n in needed if not (ckpt / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{ckpt} lacks {', '.join(missing)} (an incomplete copy?)")
+    try:
+        cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+            raise ValueError("not a train.py config")
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{ckpt / 'config.yaml'} is unreadable ({one_line(err)})") from None
+    _check_safetensors(ckpt / "embedder.safetensors")
+    if not for_resume:
+        return
+    from accelerate.utils import load
+
+    for path in sorted(ckpt.iterdir()):
+        if CUSTOM_PICKLE.match(path.name):
+            raise CheckpointError(
+                f"{path} is a pickle, which Accelerate would load with weights_only=False (it can run code); "
+                "train.py keeps the loop position in train_state.json and never writes it: delete the file"
+            )
+        if path.suffix == ".safetensors":
+            _check_safetensors(path)
+        elif TORCH_FILES.match(path.name):
+            try:
+                load(str(path), map_location="cpu", mmap=True)  # weights_only=True: refuses code
+            except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+                raise CheckpointError(f"{path} is corrupt or holds more than tensors ({one_line(err)})") from None
+
+
+def check_weights_match(path: Path, expected: dict, what: str) -> None:
+    """`path`'s tensors must have exactly the names and shapes of `expected` (a state dict): a checkpoint of
+    another upstream or head then fails here with one line instead of deep inside load_state_dict."""
+    have = _check_safetensors(Path(path))
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    for k in sorted(set(have) | set(want)):
+        if have.get(k) != want.get(k):
+            got = "absent" if k not in have else f"shape {list(have[k])}"
+            need = "absent" if k not in want else f"shape {list(want[k])}"
+            raise CheckpointError(
+                f"{path} does not fit {what}: {k} is {got} there, the model needs {need} "
+                "(a checkpoint of another upstream, layer selection or head?)"
+            )
+
+
+def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, dir), oldest first. train_state.json is written last, so a
+    directory without it is an interrupted save and is ignored; the step is read from it, not the name."""
+    found = []
+    for d in Path(exp_dir).glob("step-*"):
+        if (d / "train_state.json").is_file():
+            try:
+                found.append((read_train_state(d)["step"], d))
+            except CheckpointError as err:
+                print(f"warning: skipping checkpoint {d.name}: {err}", file=sys.stderr)
+    return sorted(found)
+
+
+def usable(checkpoints: list[tuple[int, Path]], for_resume: bool, newest_only: bool = False) -> list[tuple[int, Path]]:
+    """The checkpoints that verify, warning about each one that does not (a corrupt checkpoint among many is
+    skipped, so the others still serve). newest_only: from the newest down, stop at the first that verifies."""
+    good = []
+    for step, ckpt in reversed(checkpoints):
+        try:
+            verify_checkpoint(ckpt, for_resume)
+        except CheckpointError as err:
+            print(f"warning: skipping checkpoint {ckpt.name}: {err}", file=sys.stderr)
+            continue
+        good.insert(0, (step, ckpt))
+        if newest_only:
+            break
+    return good
+
+
+def remove_interrupted_saves(exp_dir: Path) -> list[Path]:
+    """Clean up after a save killed mid-way: delete `.tmp-step-*` (never renamed, so incomplete or
+    unconfirmed), and put back a `.old-step-N` whose `step-N` replacement never arrived."""
+    stale = sorted(Path(exp_dir).glob(".tmp-step-*"))
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    for d in sorted(Path(exp_dir).glob(".old-step-*")):
+        final = d.parent / d.name[len(".old-") :]
+        if final.exists():
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            d.rename(final)
+        stale.append(d)
+    return stale
+
+
+def save_checkpoint(accelerator, weights_fn, config_fn, state: TrainState, exp_dir: Path, keep: int | None) -> Path:
+    """Write exp_dir/step-<N>/ through a temporary directory so a crash never leaves a half checkpoint.
+
+    Accelerate's save_state writes the trainable weights, optimizer, scheduler and RNG states; on the main
+    process `weights_fn()` gives the embedder's tensors and `config_fn(path)` writes config.yaml. Only the
+    newest `keep` checkpoints are kept, pruned after the new one is in place (a failed save costs none).
+    """
+    final, tmp = step_dir(exp_dir, state.step), Path(exp_dir) / f".tmp-step-{state.step}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)  # before any rank writes its RNG state into it
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank has written its RNG state before the rename
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in weights_fn().items()}, tmp / "embedder.safetensors")
+            config_fn(tmp / "config.yaml")
+            # The loop position as JSON, written last: its presence marks a complete checkpoint.
+            (tmp / "train_state.json").write_text(json.dumps(state.state_dict()))
+    except (OSError, RuntimeError, SafetensorError) as err:  # disk full, quota, I/O error (torch says RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(exp_dir)
+        kept = f"{previous[-1][1]} is untouched" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({one_line(err)}); {kept}. Free disk space and rerun "
+            "the same command: it resumes from the newest checkpoint"
+        ) from None
+    if accelerator.is_main_process:
+        # Renames only, so a kill at any point leaves either the old or the new step-N complete
+        # (remove_interrupted_saves puts a stranded .old-step-N back).
+        old = Path(exp_dir) / f".old-step-{state.step}"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        if keep:
+            for _, stale in list_checkpoints(exp_dir)[:-keep]:
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_resumable(saved_cfg, cfg, ckpt: Path) -> None:
+    """The model and loss sections of a TrainConfig must match the checkpoint's; the rest may change on resume."""
+    for section in ("model", "loss"):
+        old, new = dataclasses.asdict(getattr(saved_cfg, section)), dataclasses.asdict(getattr(cfg, section))
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff:
+            k = diff[0]
+            raise CheckpointError(
+                f"{ckpt} was trained with {k}={old.get(k)!r}, this run has {k}={new[k]!r}; "
+                "use the same setting or a new --exp_dir"
+            )
