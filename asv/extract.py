@@ -27,8 +27,9 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from asv.audio import load_audio
 from asv.config import load_train_config
-from asv.datasets import EvalDataset, collate_eval, length_buckets
+from asv.datasets import RERUN_PREPARE, EvalDataset, collate_eval, length_buckets
 from asv.errors import BadAudioError, one_line
 from asv.models import XVECTOR_LENGTH_REDUCTION, build_speaker_model
 from asv.progress import progress
@@ -109,9 +110,8 @@ def audio_lengths(paths: list[str]) -> dict[str, int]:
         try:
             lengths[p] = sf.info(p).frames
         except (sf.LibsndfileError, RuntimeError, OSError) as err:
-            raise BadAudioError(
-                p, "unreadable", f"{one_line(err)}; re-run prepare.py, which drops trials of bad files"
-            ) from None
+            load_audio(p)  # raises the BadAudioError prepare.py would report (missing, empty, not audio, ...)
+            raise BadAudioError(p, "unreadable header", f"{one_line(err)}; {RERUN_PREPARE}") from None
     return lengths
 
 

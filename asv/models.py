@@ -248,11 +248,9 @@ class SpeakerModel(nn.Module):
 
 def build_speaker_model(model_cfg, loss_cfg, upstream, num_classes: int) -> SpeakerModel:
     """Featurizer + downstream + head for `upstream`, from the model and loss config sections."""
-    from asv.upstream import Featurizer
+    from asv.upstream import featurizer as make_featurizer
 
-    featurizer = Featurizer(
-        upstream, layer_selections=model_cfg.layer_selections, normalize=model_cfg.featurizer_normalize
-    )
+    featurizer = make_featurizer(upstream, model_cfg.layer_selections, model_cfg.featurizer_normalize)
     if model_cfg.downstream not in DOWNSTREAMS:
         raise ValueError(f"unknown downstream '{model_cfg.downstream}'; choose one of: {', '.join(DOWNSTREAMS)}")
     downstream = DOWNSTREAMS[model_cfg.downstream](featurizer.output_size, model_cfg)

@@ -33,15 +33,13 @@ except ImportError:
 
 # s3prl warns "ESPnet is not installed" at import for one upstream nobody here uses; keep output clean.
 logging.getLogger("s3prl.upstream.espnet_hubert.expert").setLevel(logging.ERROR)
-from s3prl.nn import Featurizer, S3PRLUpstream  # noqa: E402
 
 __all__ = [
-    "Featurizer",
-    "S3PRLUpstream",
     "UpstreamError",
     "build_upstream",
     "disable_layerdrop",
     "enable_gradient_checkpointing",
+    "featurizer",
     "list_upstreams",
     "trainable_inputs",
     "upstream_features",
@@ -52,16 +50,29 @@ __all__ = [
 WEIGHT_FREE = {"fbank", "fbank_no_cmvn", "baseline", "mfcc", "mel", "spectrogram", "linear"}
 
 
+def s3prl_nn():
+    """s3prl.nn, imported on first use: importing it loads every hub entry and transformers (seconds), which
+    `--help` or a mistyped flag should not wait for. The torchaudio shim above is in place by then."""
+    import s3prl.nn
+
+    return s3prl.nn
+
+
+def featurizer(upstream, layer_selections: list[int] | None, normalize: bool):
+    """s3prl's Featurizer: the softmax-weighted sum of the upstream's hidden states (zero-initialised weights)."""
+    return s3prl_nn().Featurizer(upstream, layer_selections=layer_selections, normalize=normalize)
+
+
 def list_upstreams() -> list[str]:
     """Every name s3prl's hub accepts (including the *_local / *_custom ones that need --upstream_ckpt)."""
     from s3prl import hub
 
     # hub.options() also returns helpers the hub module imports (FileLock, Path): keep entry functions.
-    names = S3PRLUpstream.available_names(only_registered_ckpt=False)
+    names = s3prl_nn().S3PRLUpstream.available_names(only_registered_ckpt=False)
     return sorted(n for n in names if inspect.isfunction(getattr(hub, n, None)) and not n.startswith("_"))
 
 
-def build_upstream(name: str, ckpt: str | None = None, normalize: bool = False) -> S3PRLUpstream:
+def build_upstream(name: str, ckpt: str | None = None, normalize: bool = False):
     """Build `S3PRLUpstream(name)`, frozen: eval mode, no gradients."""
     names = set(list_upstreams())
     if name not in names:
@@ -77,7 +88,7 @@ def build_upstream(name: str, ckpt: str | None = None, normalize: bool = False) 
     if local:
         check_local_ckpt(name, ckpt)
     try:
-        upstream = S3PRLUpstream(name, path_or_url=ckpt, normalize=normalize)
+        upstream = s3prl_nn().S3PRLUpstream(name, path_or_url=ckpt, normalize=normalize)
     except Exception as err:  # s3prl raises whatever requests/torch.hub raise
         # The first line names the problem (torch's weights_only error adds a page of advice after it).
         msg = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
@@ -125,7 +136,7 @@ def check_local_ckpt(name: str, ckpt: str) -> None:
 
 
 @torch.inference_mode()
-def upstream_forward(upstream: S3PRLUpstream, wav: torch.Tensor, wav_len: torch.Tensor):
+def upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor):
     """Hidden states of a frozen upstream, always in eval mode (dropout off), as SuperbASV does.
 
     Inference mode skips autograd bookkeeping entirely; its outputs cannot be saved for a backward

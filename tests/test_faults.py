@@ -553,3 +553,37 @@ def test_verify_checkpoint_names_the_bad_file(demo, tmp_path):
     with pytest.raises(CheckpointError, match="random_states_0.pkl is corrupt"):
         verify_checkpoint(ckpt)
     verify_checkpoint(ckpt, for_resume=False)  # evaluation does not need it
+
+
+def test_library_raises_typed_errors_instead_of_exiting(demo, tmp_path):
+    """asv.verify / asv.embed run inside the user's Python process: a bad checkpoint or audio file must raise
+    an AsvError the caller can catch, never end the process (SystemExit is not an Exception)."""
+    import asv
+    from asv.errors import AsvError, BadAudioError
+
+    wavs = sorted((demo / "corpus" / "test" / "wav").rglob("*.wav"))[:2]
+    ckpt = tmp_path / "step-1"
+    shutil.copytree(demo / "exp" / "step-1", ckpt)
+    (ckpt / "embedder.safetensors").write_bytes((ckpt / "embedder.safetensors").read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="embedder.safetensors is corrupt"):
+        asv.verify(wavs[0], wavs[1], ckpt)
+    bad = write_bad_files(tmp_path / "audio")
+    good_ckpt = demo / "exp" / "step-1"
+    for name in ("truncated.wav", "garbage.wav", "missing.wav"):
+        with pytest.raises(BadAudioError) as err:
+            asv.verify(wavs[0], tmp_path / "audio" / name, good_ckpt)
+        assert isinstance(err.value, AsvError) and name in str(err.value) and bad[name] in str(err.value)
+    # The process is still alive and the library still works after the errors.
+    assert np.isfinite(asv.verify(wavs[0], wavs[1], good_ckpt)["score"])
+
+
+@pytest.mark.parametrize(
+    "flags, choices",
+    [(["--loss", "foo"], "'amsoftmax', 'aamsoftmax'"), (["--mixed_precision", "fp8"], "'no', 'fp16', 'bf16'")],
+)
+def test_a_bad_choice_fails_at_parse_time_in_one_line(tmp_path, flags, choices):
+    # Nothing is loaded before the flags are checked: the data directory does not even exist.
+    out = run(["train.py", *flags, "--data_dir", str(tmp_path / "nowhere")], check=False)
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: argument " + flags[0])
+    assert choices in out.stderr

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from asv.audio import load_audio
+from asv.baseline import mean_mfcc_scores
+from asv.manifest import read_trials_csv
+from asv.metrics import metrics
 
-from asv.audio import load_audio  # noqa: E402
-from asv.baseline import mean_mfcc_scores  # noqa: E402
-from asv.manifest import read_trials_csv  # noqa: E402
-from asv.metrics import metrics  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA, EXP, CONFIG = ROOT / "data/demo", ROOT / "exp/demo", ROOT / "configs/demo.yaml"
 

@@ -17,11 +17,8 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from asv.audio import SAMPLE_RATE  # noqa: E402
-from asv.synth import draw_voice, synth_utterance  # noqa: E402
+from asv.audio import SAMPLE_RATE
+from asv.synth import draw_voice, synth_utterance
 
 
 def main(out: Path, seed: int = 1234, num_noise: int = 10, num_babble: int = 10, num_rirs: int = 10) -> None:

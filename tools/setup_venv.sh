@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Build .venv from requirements.txt, once. Re-running is a no-op while requirements.txt is
-# unchanged (the stamp records its hash), so `make demo` and `make test` can both depend on it.
+# Build .venv from requirements.txt and pyproject.toml, once. Re-running is a no-op while both are
+# unchanged (the stamp records their hash), so `make demo` and `make test` can both depend on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.stamp
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
+want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && "$(cat $STAMP)" == "$want" ]]; then
   exit 0
 fi
@@ -20,6 +20,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
     || .venv/bin/python -m pip install -q "torch>=2.8,<2.15"
 fi
 .venv/bin/python -m pip install -q -r requirements.txt
+# The asv package itself, editable, with the test tools (pyproject.toml: the "dev" extra).
+.venv/bin/python -m pip install -q -e ".[dev]"
 # PyPI's torchaudio 2.11 ships its C++ extension built against CUDA torch; next to a CPU torch its
 # import fails on libc10_cuda.so. torchaudio treats the extension as optional, and nothing this
 # project uses needs it (kaldi fbank/mfcc, resample, the wav2vec2 builders are pure Python), so drop
