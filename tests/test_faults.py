@@ -587,3 +587,29 @@ def test_a_bad_choice_fails_at_parse_time_in_one_line(tmp_path, flags, choices):
     assert out.returncode != 0
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: argument " + flags[0])
     assert choices in out.stderr
+
+
+def test_superb_defaults_every_speaker_trains_and_every_listed_trial_is_kept(demo, tmp_path):
+    """Issue 10: a VoxCeleb-layout tree whose trial list repeats pairs (as voxceleb1_test_v2.txt does, in either
+    order) gives a trials CSV with exactly as many rows as the list, and by default no speaker is held out."""
+    import prepare
+
+    out = run(["prepare.py", "--help"])
+    help_text = out.stdout.split("  --dev_speakers float")[1].split("  --dev_trials")[0]
+    assert "(default: 0.0)" in help_text and "CHANGES THE" in help_text
+    test_utts = sorted(
+        str(p.relative_to(demo / "corpus" / "test" / "wav")) for p in (demo / "corpus").rglob("test/wav/*/*/*.wav")
+    )
+    a, b, c = test_utts[0], test_utts[1], test_utts[-1]
+    lines = [f"1 {a} {b}", f"0 {a} {c}", f"1 {b} {a}", f"1 {a} {b}", f"0 {c} {a}"]
+    (tmp_path / "vox_list.txt").write_text("\n".join(lines) + "\n")
+    data = prepare.main(
+        ["--dataset", "voxceleb1", "--dataset_root", str(demo / "corpus"), "--trials", str(tmp_path / "vox_list.txt")]
+        + ["--out_dir", str(tmp_path / "data"), "--num_workers", "1"]
+    )
+    trials = read_trials_csv(data / "trials" / "vox_list.csv")
+    assert [(t.label, t.id1, t.id2) for t in trials] == [(int(x[0]), *x[2:].split()) for x in lines]
+    summary = json.loads((data / "prepare.json").read_text())["summary"]
+    assert summary["repeated_pairs"] == {"vox_list": 3} and summary["dev_speakers"] == []
+    train_speakers = {p.name for p in (demo / "corpus" / "dev" / "wav").iterdir()}
+    assert summary["speakers"] == len(train_speakers) and not (data / "trials" / "dev.csv").exists()
