@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from asv.errors import BadAudioError
-from asv.extract import Embedder, audio_lengths, embed_cached
-from asv.manifest import DEV_LIST, read_trials_csv, unique_utterances
-from asv.metrics import compute_eer
+from asv.extract import Embedder, audio_lengths, embed_cached, trial_list_eer
+from asv.manifest import DEV_LIST, read_trials_csv
 from asv.rundir import EvalLayout, read_train_state, verify_checkpoint
-from asv.scoring import cosine_scores, trial_scores
+from asv.scoring import cosine_scores
 
 
 @lru_cache(maxsize=4)
@@ -67,10 +66,9 @@ def dev_threshold(ckpt_dir: str | Path, test_effects: bool | None = None) -> tup
     if not dev.is_file():
         return None, f"no threshold: {dev} does not exist (prepare.py --dev_speakers N builds it)"
     trials = read_trials_csv(dev)
-    items = unique_utterances(trials)
     effects = embedder.test_effects if test_effects is None else test_effects
-    vectors = embed_cached(embedder, items, audio_lengths([p for _, p in items]), layout.embeddings(step), effects)
-    eer, threshold = compute_eer(trial_scores(vectors, trials), [t.label for t in trials])
+    lengths = audio_lengths([p for t in trials for p in (t.wav_path1, t.wav_path2)])
+    eer, threshold = trial_list_eer(embedder, trials, lengths, layout.embeddings(step), effects)
     return threshold, f"dev EER threshold ({100 * eer:.2f}% EER on {len(trials)} dev trials)"
 
 

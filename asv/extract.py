@@ -227,3 +227,16 @@ def export_embeddings(path: Path, items: list[tuple[str, str]], vectors: dict[st
         paths=np.array([p for _, p in items], dtype=str),
         embeddings=np.stack([vectors[p] for _, p in items]).astype(np.float32),
     )
+
+
+def trial_list_eer(
+    embedder, trials, lengths: dict[str, int], cache_file: Path | None, effects: bool, accelerator=None
+) -> tuple[float, float]:
+    """(EER as a fraction, its threshold) of `embedder` on a trial list: the dev-list figure train.py logs at
+    each checkpoint and asv.verify thresholds at."""
+    from asv.manifest import unique_utterances
+    from asv.metrics import compute_eer
+    from asv.scoring import trial_scores
+
+    vectors = embed_cached(embedder, unique_utterances(trials), lengths, cache_file, effects, accelerator)
+    return compute_eer(trial_scores(vectors, trials), [t.label for t in trials])

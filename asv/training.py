@@ -98,15 +98,10 @@ def unreadable_files(accelerator, dataset) -> int:
 
 def dev_eer(accelerator, upstream, model, dev_trials, lengths: dict[str, int], test_effects: bool) -> float:
     """EER (percent) of the model being trained on the held-out dev list, embedding sharded across processes."""
-    from asv.extract import ModelEmbedder, embed_cached
-    from asv.manifest import unique_utterances
-    from asv.metrics import compute_eer
-    from asv.scoring import trial_scores
+    from asv.extract import ModelEmbedder, trial_list_eer
 
     net = accelerator.unwrap_model(model)
     net.eval()
-    vectors = embed_cached(
-        ModelEmbedder(upstream, net), unique_utterances(dev_trials), lengths, None, test_effects, accelerator
-    )
+    eer, _ = trial_list_eer(ModelEmbedder(upstream, net), dev_trials, lengths, None, test_effects, accelerator)
     net.train()
-    return 100.0 * compute_eer(trial_scores(vectors, dev_trials), [t.label for t in dev_trials])[0]
+    return 100.0 * eer
