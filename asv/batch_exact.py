@@ -80,8 +80,25 @@ def exact_upstream_forward(upstream: S3PRLUpstream, wav: torch.Tensor, wav_len: 
     module = getattr(upstream, "module", upstream)
     wav = wav.squeeze(-1) if wav.dim() == 3 else wav
     plan = plan_for(module)
-    if not plan.exact:
-        return _one_by_one(module, wav, wav_len)
+    with _modes_kept(module):
+        if not plan.exact:
+            return _one_by_one(module, wav, wav_len)
+        return _exact(module, plan, wav, wav_len)
+
+
+@contextmanager
+def _modes_kept(module: nn.Module):
+    """upstream_forward puts the upstream in eval mode (dropout off, as SuperbASV evaluates); a fine-tuned one
+    goes back to training afterwards, as s3prl's runner puts trainable modules back after evaluating."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _exact(module: S3PRLUpstream, plan: Plan, wav: torch.Tensor, wav_len: torch.Tensor):
     # A lone utterance under 0.05 s is zero-extended to it and modelled as that longer input; do the same per
     # utterance (in a batch, s3prl extends only when the longest one is that short).
     model_len = wav_len.clamp(min=MIN_SAMPLES)

@@ -85,10 +85,9 @@ def test_batched_equals_batch_1(name, size, ckpts):
 
     torch.manual_seed(0)
     model = build_speaker_model(ModelConfig(upstream=name), LossConfig(), upstream, num_classes=4).eval()
-    embedder = ModelEmbedder(upstream, model)
-    wavs = wavs[: len(SECONDS)]
-    single = torch.cat([embedder(w[None], torch.tensor([len(w)])) for w in wavs])
-    batched = embedder(*padded(wavs))
+    with torch.inference_mode():  # the reference: s3prl's batch-1 hidden states through the same model
+        single = torch.cat([model.embed(*s) for s in singles[: len(SECONDS)]])
+    batched = ModelEmbedder(upstream, model)(*padded(wavs[: len(SECONDS)]))  # evaluation's embedder
     assert torch.nn.functional.cosine_similarity(single, batched).min() >= MIN_COSINE
 
 
@@ -111,6 +110,20 @@ def test_patches_live_only_inside_the_embedding_forward(ckpts):
         assert not {"forward", "forward_padding_mask"} & set(vars(m))
     for h0, h1 in zip(before[0], after[0], strict=True):
         torch.testing.assert_close(h0, h1, rtol=0, atol=0)
+
+
+def test_a_fine_tuned_upstream_goes_back_to_training(ckpts):
+    """The dev EER mid-run must not leave a fine-tuned upstream in eval mode (dropout off) for the rest of training."""
+    upstream = load(ckpts, "wav2vec2_local", "tiny").train()
+    encoder = upstream.upstream.model.encoder
+    encoder.layers[0].eval()  # per-module modes come back as they were, not all-train
+    seen = []
+    encoder.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    with torch.inference_mode():
+        exact_upstream_forward(upstream, *padded(utterances([1.0, 2.0])))
+    assert seen == [False]  # embedded in eval mode, as SuperbASV does
+    assert upstream.training and not encoder.layers[0].training
+    assert all(m.training for m in encoder.layers[1].modules())
 
 
 def test_patches_are_removed_when_the_forward_fails(ckpts, monkeypatch):
