@@ -6,8 +6,8 @@
 For each upstream: one padded batch of utterances of 1 to 8 s, embedded through a randomly initialised
 featurizer + SUPERB x-vector (eval mode), compared with each utterance embedded alone (s3prl's batch-1
 evaluation). Prints the lowest cosine and the largest hidden-state difference on valid frames, for the plain
-batched forward and the exact one, then the upstream time of each path (fastest of --repeats) on that batch and
-on a length-sorted batch of 3.0 to 3.5 s utterances (what evaluation's length buckets give).
+batched forward and the exact one, then the upstream CPU time of each path (least of --repeats, one thread) on that
+batch and on a length-sorted batch of 3.0 to 3.5 s utterances (what evaluation's length buckets give).
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def compare(upstream, model, wavs) -> dict:
 
 
 def timings(upstream, wavs, repeats: int) -> dict:
-    """Fastest of `repeats` runs of each upstream path (the featurizer and x-vector cost the same on all three);
-    the paths take turns, so load from other processes spreads over them evenly."""
+    """Least CPU time of `repeats` runs of each upstream path (the featurizer and x-vector cost the same on all
+    three), on one thread: CPU time of a single thread barely moves when other processes share the cores, where
+    wall time (and the spin-waiting of idle OpenMP threads) does."""
     wav, wav_len = batch_of(wavs)
     paths = {
         "plain": lambda: upstream_forward(upstream, wav, wav_len),
@@ -74,9 +75,9 @@ def timings(upstream, wavs, repeats: int) -> dict:
             run()  # warm-up (allocator, the one-time plan)
         for _ in range(repeats):
             for name, run in paths.items():
-                t = time.perf_counter()
+                t = time.process_time()
                 run()
-                times[name].append(time.perf_counter() - t)
+                times[name].append(time.process_time() - t)
     return {name: min(t) for name, t in times.items()}
 
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no_baseline", action="store_true", help="skip fbank and mfcc")
     args = parser.parse_args(argv)
     print(machine_banner())
+    torch.set_num_threads(1)
     mixed = noise_utterances(np.linspace(1.0, 8.0, 8))
     bucket = noise_utterances(np.linspace(3.0, 3.5, 8), seed=1)
     rows = []
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"done {name} {size}", flush=True)
     print(
         "\n| upstream | size | path | min cos plain | min cos exact | max abs dh plain | max abs dh exact "
-        "| upstream s, 1-8 s batch: plain / exact / batch 1 | 3-3.5 s bucket: plain / exact / batch 1 |"
+        "| upstream CPU s, 1-8 s batch: plain / exact / batch 1 | 3-3.5 s bucket: plain / exact / batch 1 |"
     )
     print("|" + "---|" * 9)
     for name, size, how, res, tm, tb in rows:
