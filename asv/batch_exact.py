@@ -41,8 +41,17 @@ from asv.upstream import S3PRLUpstream, upstream_forward
 # s3prl's S3PRLUpstream zero-extends a batch whose longest item is shorter than this (MIN_SECOND * SAMPLE_RATE).
 MIN_SAMPLES = 800
 
-# Layers whose output at one frame reads other frames; each must be one this module accounts for.
-TIME_MIXING = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.InstanceNorm1d)
+# Layers whose output at one frame can read other frames; each one in a model must be one its plan accounts for
+# (attention is not listed: every model covered here masks padded keys).
+TIME_MIXING = (
+    nn.modules.conv._ConvNd,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.RNNBase,
+)
 
 
 @dataclass
@@ -99,6 +108,7 @@ def _modes_kept(module: nn.Module):
 
 
 def _exact(module: S3PRLUpstream, plan: Plan, wav: torch.Tensor, wav_len: torch.Tensor):
+    """One padded forward with the plan's patches, then s3prl's per-utterance frame counts."""
     # A lone utterance under 0.05 s is zero-extended to it and modelled as that longer input; do the same per
     # utterance (in a batch, s3prl extends only when the longest one is that short).
     model_len = wav_len.clamp(min=MIN_SAMPLES)
@@ -233,8 +243,9 @@ def _conv_stack(extractor: nn.Module) -> tuple[list[tuple[int, int]], list[tuple
 
 def _audit(model: nn.Module, covered: list, layers, layer_types: tuple) -> str:
     """Why the model is not covered ('' if it is): an unknown encoder layer or an unaccounted time-mixing module."""
-    if not all(isinstance(layer, layer_types) for layer in layers):
-        return f"encoder layers of type {type(layers[0]).__name__} are not covered (e.g. conformer convolutions)"
+    odd = [type(layer).__name__ for layer in layers if not isinstance(layer, layer_types)]
+    if odd:
+        return f"encoder layers of type {odd[0]} are not covered (e.g. conformer convolutions)"
     ids = {id(m) for m in covered}
     for name, m in model.named_modules():
         if isinstance(m, TIME_MIXING) and id(m) not in ids:

@@ -140,15 +140,31 @@ def test_patches_are_removed_when_the_forward_fails(ckpts, monkeypatch):
     assert "forward" not in vars(gn) and "forward_padding_mask" not in vars(model)
 
 
-def test_uncovered_upstreams_fall_back_to_batch_1(ckpts, capsys):
-    """No plan (a torchaudio front-end over the padded batch) or an unaccounted time-mixing module: one
-    utterance at a time, announced once."""
-    mel = build_upstream("mel")
+def tiny_conformer(path):
+    """wav2vec 2.0 with conformer layers (s3prl's wav2vec2_conformer_* names): depthwise convs over padded frames."""
+    from s3prl.upstream.wav2vec2.wav2vec2_model import AudioPretrainingConfig, Wav2Vec2Config, Wav2Vec2Model
+
+    from asv.random_upstreams import _encoder, _plain
+
+    quantizer = dict(latent_vars=16, latent_groups=2, latent_dim=16, final_dim=64)
+    cfg = Wav2Vec2Config(**_encoder("tiny"), **quantizer, layer_type="conformer", pos_enc_type="abs")
+    weights = Wav2Vec2Model(cfg).state_dict()
+    torch.save({"task_cfg": _plain(AudioPretrainingConfig()), "model_cfg": _plain(cfg), "model_weight": weights}, path)
+    return build_upstream("wav2vec2_local", str(path))
+
+
+def test_uncovered_upstreams_fall_back_to_batch_1(ckpts, capsys, tmp_path):
+    """No plan (a torchaudio front-end over the padded batch), an unknown encoder layer or an unaccounted
+    time-mixing module: one utterance at a time, announced once."""
     odd = load(ckpts, "wav2vec2_local", "tiny")
     odd.upstream.model.encoder.extra = torch.nn.BatchNorm1d(4)  # a variant this audit has never seen
     wavs = utterances([1.0, 2.5, 0.6])
     wav, wav_len = padded(wavs)
-    cases = [(mel, "its features are computed on the padded batch"), (odd, "module encoder.extra (BatchNorm1d)")]
+    cases = [
+        (build_upstream("mel"), "its features are computed on the padded batch"),
+        (tiny_conformer(tmp_path / "conformer.pt"), "encoder layers of type ConformerWav2Vec2EncoderLayer"),
+        (odd, "module encoder.extra (BatchNorm1d)"),
+    ]
     for upstream, why in cases:
         assert not plan_for(upstream).exact
         with torch.inference_mode():
