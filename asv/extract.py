@@ -1,7 +1,8 @@
 """Embedding extraction shared by evaluate.py, train.py (dev EER) and the Python API (asv.embed/asv.verify).
 
-Each whole utterance is embedded once, in length-sorted batches under a padded-samples budget; masks
-run through the upstream, featurizer and pooling, so an embedding does not depend on its batch. Batches
+Each whole utterance is embedded once, in length-sorted batches under a padded-samples budget; the upstream
+runs batch-exact (asv/batch_exact.py) and masks run through the featurizer and pooling, so an embedding equals
+its batch-1 one, as s3prl evaluates. Batches
 are dealt to processes with Accelerate and gathered. Per checkpoint, embeddings are cached in
 `embeddings.npz`:
 
@@ -28,15 +29,16 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from asv.audio import load_audio
+from asv.batch_exact import exact_upstream_forward
 from asv.config import load_train_config
 from asv.datasets import RERUN_PREPARE, EvalDataset, collate_eval, length_buckets
 from asv.errors import BadAudioError, one_line
 from asv.models import XVECTOR_LENGTH_REDUCTION, build_speaker_model
 from asv.progress import progress
 from asv.rundir import check_weights_match
-from asv.upstream import build_upstream, upstream_forward
+from asv.upstream import build_upstream
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: batch-exact upstream (asv/batch_exact.py); older caches hold padded-batch embeddings
 
 
 class ModelEmbedder:
@@ -58,7 +60,8 @@ class ModelEmbedder:
 
     @torch.inference_mode()
     def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
-        hidden, hidden_len = upstream_forward(self.upstream, wav, wav_len)
+        # Each embedding equals the utterance's batch-1 one (s3prl's evaluation), padding notwithstanding.
+        hidden, hidden_len = exact_upstream_forward(self.upstream, wav, wav_len)
         return self.model.embed(hidden, hidden_len)
 
 
