@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from asv.upstream import S3PRLUpstream, upstream_forward
+from asv.upstream import upstream_forward
 
 # s3prl's S3PRLUpstream zero-extends a batch whose longest item is shorter than this (MIN_SECOND * SAMPLE_RATE).
 MIN_SAMPLES = 800
@@ -69,7 +69,7 @@ class Plan:
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def plan_for(upstream: S3PRLUpstream) -> Plan:
+def plan_for(upstream) -> Plan:
     """The plan for this upstream, built once per module (and the batch-1 fallback announced once)."""
     upstream = getattr(upstream, "module", upstream)  # a fine-tuned upstream may be DDP-wrapped
     if upstream not in _plans:
@@ -80,7 +80,7 @@ def plan_for(upstream: S3PRLUpstream) -> Plan:
     return _plans[upstream]
 
 
-def exact_upstream_forward(upstream: S3PRLUpstream, wav: torch.Tensor, wav_len: torch.Tensor):
+def exact_upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor):
     """Hidden states and lengths of a padded batch, each utterance's equal to what it gets alone (batch 1).
 
     wav (B, T) padded audio, wav_len (B,) its lengths; returns ([(B, T', D)] per layer, [(B,)] per layer) like
@@ -107,7 +107,7 @@ def _modes_kept(module: nn.Module):
             m.training = training
 
 
-def _exact(module: S3PRLUpstream, plan: Plan, wav: torch.Tensor, wav_len: torch.Tensor):
+def _exact(module, plan: Plan, wav: torch.Tensor, wav_len: torch.Tensor):
     """One padded forward with the plan's patches, then s3prl's per-utterance frame counts."""
     # A lone utterance under 0.05 s is zero-extended to it and modelled as that longer input; do the same per
     # utterance (in a batch, s3prl extends only when the longest one is that short).
@@ -121,7 +121,7 @@ def _exact(module: S3PRLUpstream, plan: Plan, wav: torch.Tensor, wav_len: torch.
     return _repeat_last_frames(hs, wav_len, num_frames, module.downsample_rates)
 
 
-def _one_by_one(upstream: S3PRLUpstream, wav: torch.Tensor, wav_len: torch.Tensor):
+def _one_by_one(upstream, wav: torch.Tensor, wav_len: torch.Tensor):
     """The reference itself: each utterance alone, the outputs padded into a batch."""
     outs = [upstream_forward(upstream, wav[i : i + 1, : int(n)], wav_len[i : i + 1]) for i, n in enumerate(wav_len)]
     hs, lens = [], []
@@ -200,7 +200,7 @@ def _recording_extractor(expert: nn.Module, recorded: list, wavs):
 # ---- plans: one per expert family; every time-mixing layer of the model must be accounted for
 
 
-def _build_plan(upstream: S3PRLUpstream) -> Plan:
+def _build_plan(upstream) -> Plan:
     expert = upstream.upstream
     family = type(expert).__module__.removeprefix("s3prl.upstream.").removesuffix(".expert")
     what = f"upstream {family} ({type(expert).__module__}.{type(expert).__name__})"
