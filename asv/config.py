@@ -299,7 +299,7 @@ class EvalConfig(_Checked):
     asnorm_utts_per_speaker: int = 3
     # Batch budget in padded samples (items x longest): utterances are length-sorted into batches of at
     # most this much audio (400,000 = 25 s at 16 kHz; raise it on GPUs; 1 = one utterance at a time, as s3prl).
-    # Padding never changes an embedding (tested equal to one-at-a-time).
+    # Padding never changes an embedding: the upstream runs batch-exact (asv/batch_exact.py).
     eval_max_frames: int = 400_000
     # DataLoader worker processes.
     num_workers: int = 2
