@@ -45,8 +45,9 @@ def prepare_demo() -> None:
     subprocess.run([sys.executable, "prepare.py", "--dataset", "demo"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
-def s3prl_view(work: Path, max_trials: int | None = None) -> tuple[Path, Path]:
-    """(dataset_root, cache_dir) that s3prl's SuperbASV stage 0 parses offline, over the same demo files.
+def s3prl_view(work: Path, max_trials: int | None = None, corpus: Path = CORPUS) -> tuple[Path, Path]:
+    """(dataset_root, cache_dir) that s3prl's SuperbASV stage 0 parses offline, over the same demo files
+    (`corpus`: a tree generate_corpus wrote, by default the demo's).
 
     dataset_root links dev/wav to the demo's and each test speaker into s3prl's test-id range; cache_dir
     holds the two files stage 0 would download: iden_split.txt (every utterance, split 1 = train for
@@ -58,23 +59,23 @@ def s3prl_view(work: Path, max_trials: int | None = None) -> tuple[Path, Path]:
     (root / "test/wav").mkdir(parents=True)
     cache.mkdir(parents=True, exist_ok=True)
     (root / "dev").mkdir()
-    (root / "dev/wav").symlink_to(CORPUS / "dev/wav", target_is_directory=True)
-    test_speakers = sorted(p.name for p in (CORPUS / "test/wav").iterdir())
+    (root / "dev/wav").symlink_to(corpus / "dev/wav", target_is_directory=True)
+    test_speakers = sorted(p.name for p in (corpus / "test/wav").iterdir())
     if len(test_speakers) > 40:
         raise ValueError("s3prl's VoxCeleb1SV has room for 40 test speakers (id10270..id10309)")
     rename = {spk: f"id{S3PRL_FIRST_TEST_ID + k}" for k, spk in enumerate(test_speakers)}
     for spk, new in rename.items():
-        (root / "test/wav" / new).symlink_to(CORPUS / "test/wav" / spk, target_is_directory=True)
+        (root / "test/wav" / new).symlink_to(corpus / "test/wav" / spk, target_is_directory=True)
 
     def renamed(rel: str) -> str:
         spk, rest = rel.split("/", 1)
         return f"{rename.get(spk, spk)}/{rest}"
 
-    dev, test = CORPUS / "dev/wav", CORPUS / "test/wav"
+    dev, test = corpus / "dev/wav", corpus / "test/wav"
     lines = [f"1 {p.relative_to(dev)}" for p in sorted(dev.rglob("*.wav"))]
     lines += [f"3 {renamed(str(p.relative_to(test)))}" for p in sorted(test.rglob("*.wav"))]
     (cache / "iden_split.txt").write_text("".join(line + "\n" for line in lines))
-    trials = (CORPUS / "trials.txt").read_text().splitlines()[:max_trials]
+    trials = (corpus / "trials.txt").read_text().splitlines()[:max_trials]
     out = [f"{lab} {renamed(a)} {renamed(b)}" for lab, a, b in (t.split() for t in trials)]
     (cache / "voxceleb1_test_v2.txt").write_text("".join(line + "\n" for line in out))
     return root, cache
