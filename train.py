@@ -48,14 +48,13 @@ from asv.rundir import (
     verify_checkpoint,
 )
 from asv.tracking import JsonLog, start_tracking, wandb_mode
-from asv.training import Preemption, RunningStats, dev_eer, unreadable_files
+from asv.training import Preemption, RunningStats, dev_eer, train_step, unreadable_files
 from asv.upstream import (
     WEIGHT_FREE,
     build_upstream,
     disable_layerdrop,
     enable_gradient_checkpointing,
     list_upstreams,
-    upstream_features,
 )
 
 
@@ -124,8 +123,7 @@ def train(cfg: TrainConfig) -> Path:
     def upstream_precision():
         return accelerator.autocast() if neural else torch.autocast(accelerator.device.type, enabled=False)
 
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    stats = RunningStats(accelerator.device, cfg.run.max_consecutive_skips)
+    stats = RunningStats(accelerator.device, cfg.run.max_consecutive_skips, cfg.optim.gradient_clipping)
     t_start, last_saved = time.time(), state.step
     model.train()
     upstream.train(finetune)
@@ -133,27 +131,14 @@ def train(cfg: TrainConfig) -> Path:
     while state.step < cfg.run.total_steps:
         loader.set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for wav, wav_len, labels in batches:
+        for batch in batches:
             state.batch_in_epoch += 1
             head.set_step(state.step)
             try:
-                with accelerator.accumulate(model, *([upstream] if finetune else [])):
-                    # The frozen upstream runs in inference mode, so no autograd graph goes through it.
-                    hidden, hidden_len = upstream_features(upstream, wav, wav_len, finetune, upstream_precision())
-                    loss, logits = model(hidden, hidden_len, labels)
-                    accelerator.backward(loss)
-                    stats.add(loss, logits, labels)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.gradient_clipping)
-                        # s3prl skips the update when the gradient is not finite; so do we, count it, and
-                        # give up when it keeps happening (the run has diverged).
-                        applied = bool(torch.isfinite(grad_norm))
-                        if applied:
-                            optimizer.step()
-                            if scheduler is not None:
-                                scheduler.step()
-                        stats.update_done(applied)
-                    optimizer.zero_grad()
+                # forward, backward and, on the batch that completes an update, clip + optimizer step
+                _, grad_norm = train_step(
+                    accelerator, model, upstream, optimizer, scheduler, batch, finetune, upstream_precision(), stats
+                )
             except torch.OutOfMemoryError:
                 # s3prl's OOM check is inverted and never fires; here the batch is dropped and counted.
                 if accelerator.num_processes > 1:  # the other ranks would wait for this one's gradients forever

@@ -39,8 +39,9 @@ class RunningStats:
     """Loss and accuracy since the last log step, summed on the device (no host sync per batch), plus the
     skip counters. A NaN loss must not poison the logged mean: its batch counts nowhere."""
 
-    def __init__(self, device, max_consecutive_skips: int):
+    def __init__(self, device, max_consecutive_skips: int, gradient_clipping: float = 1000.0):
         self.sums = torch.zeros(3, device=device)  # loss x items, correct, items
+        self.gradient_clipping = gradient_clipping
         self.skipped_updates = self.oom_batches = self.consecutive_skips = 0
         self.max_consecutive_skips = max_consecutive_skips
         self.t_log = time.time()
@@ -88,6 +89,35 @@ class RunningStats:
         self.sums.zero_()
         self.t_log = now
         return record
+
+
+def train_step(accelerator, model, upstream, optimizer, scheduler, batch, finetune: bool, precision, stats):
+    """One batch of train.py's loop (and of the s3prl parity test, which runs exactly this): upstream features
+    under `precision`, the model's (loss, logits), Accelerate's backward (the loss divided by the accumulation),
+    and on the batch that completes an update: the gradient norm clipped to stats.gradient_clipping, then the
+    optimizer and scheduler step, skipped when the norm is not finite, as s3prl does (counted in `stats`, which
+    gives up when it keeps happening: the run has diverged). Returns (loss, gradient norm or None)."""
+    from asv.upstream import upstream_features
+
+    wav, wav_len, labels = batch
+    grad_norm = None
+    with accelerator.accumulate(model, *([upstream] if finetune else [])):
+        # A frozen upstream runs in inference mode, so no autograd graph goes through it.
+        hidden, hidden_len = upstream_features(upstream, wav, wav_len, finetune, precision)
+        loss, logits = model(hidden, hidden_len, labels)
+        accelerator.backward(loss)
+        stats.add(loss, logits, labels)
+        if accelerator.sync_gradients:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = accelerator.clip_grad_norm_(params, stats.gradient_clipping)
+            applied = bool(torch.isfinite(grad_norm))
+            if applied:
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+            stats.update_done(applied)
+        optimizer.zero_grad()
+    return loss.detach(), grad_norm
 
 
 def unreadable_files(accelerator, dataset) -> int:

@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -75,7 +76,7 @@ def build_crops(data_dir: Path, batch_size: int, num_batches: int, max_secs: flo
     """Training crops as train.py draws them (TrainDataset: gain, VAD, crop of at most max_secs; EpochSampler
     order of epoch 0), cut into num_batches batches of batch_size: {"crops", "labels", "ids", "batches"}."""
     from asv.config import TrainConfig
-    from asv.data import EpochSampler, load_train_set
+    from asv.datasets import EpochSampler, load_train_set
 
     dataset, _, _ = load_train_set(data_dir, TrainConfig().data.min_secs, max_secs, seed)
     keys = list(EpochSampler(len(dataset), seed))[: batch_size * num_batches]
@@ -96,18 +97,19 @@ def build_crops(data_dir: Path, batch_size: int, num_batches: int, max_secs: flo
 def our_training(cfg, crops: dict, batches: list[list[int]], init_state: dict, num_classes: int):
     """(loss per batch, final weights) of train.py's step on the given batches, from init_state.
 
-    A copy of train.py's loop body (keep the two alike): frozen upstream in inference mode, cloned hidden
-    states, SpeakerModel forward -> (loss, logits), Accelerate's accumulate + backward (loss divided by
-    gradient_accumulate), on the syncing batch clip_grad_norm_ at cfg.optim.gradient_clipping, the optimizer
-    step unless the norm is not finite, zero_grad; batches padded by train.py's collate_train.
+    train.py's own step (asv.training.train_step: frozen upstream in inference mode, SpeakerModel forward ->
+    (loss, logits), Accelerate's accumulate + backward, on the syncing batch clip_grad_norm_ and the optimizer
+    step unless the norm is not finite) on batches padded by train.py's collate_train, with train.py's
+    Accelerator settings; fp32 (a signal-processing upstream runs unautocast in train.py too).
     """
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
 
-    from asv.data import collate_train
+    from asv.datasets import collate_train
     from asv.models import build_speaker_model
     from asv.optim import build_optimizer_and_scheduler
-    from asv.upstream import build_upstream, trainable_inputs, upstream_forward
+    from asv.training import RunningStats, train_step
+    from asv.upstream import build_upstream
 
     accelerator = Accelerator(
         mixed_precision=cfg.run.mixed_precision,
@@ -121,25 +123,15 @@ def our_training(cfg, crops: dict, batches: list[list[int]], init_state: dict, n
     model.load_state_dict(init_state)  # strict: every tensor of ours has an s3prl counterpart
     optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, model, None)
     model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    stats = RunningStats(accelerator.device, cfg.run.max_consecutive_skips, cfg.optim.gradient_clipping)
     head = accelerator.unwrap_model(model).head
     model.train()
     losses, step = [], 0
     for index in batches:
-        wav, wav_len, labels = collate_train([(crops["crops"][i], crops["labels"][i]) for i in index])
+        batch = collate_train([(crops["crops"][i], crops["labels"][i]) for i in index])
         head.set_step(step)  # the margin schedule (none by default) follows the update count, as in train.py
-        with accelerator.accumulate(model):
-            hidden, hidden_len = trainable_inputs(*upstream_forward(upstream, wav, wav_len))
-            loss, _ = model(hidden, hidden_len, labels)
-            accelerator.backward(loss)
-            losses.append(loss.item())
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.gradient_clipping)
-                if torch.isfinite(grad_norm):
-                    optimizer.step()
-                    if scheduler is not None:
-                        scheduler.step()
-            optimizer.zero_grad()
+        loss, _ = train_step(accelerator, model, upstream, optimizer, scheduler, batch, False, nullcontext(), stats)
+        losses.append(loss.item())
         step += accelerator.sync_gradients
     state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     accelerator.free_memory()
