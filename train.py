@@ -48,6 +48,7 @@ from asv.upstream import (
     WEIGHT_FREE,
     UpstreamError,
     build_upstream,
+    check_upstream_precision,
     disable_layerdrop,
     enable_gradient_checkpointing,
     list_upstreams,
@@ -107,9 +108,8 @@ def dev_eer(accelerator, upstream, model, cfg: TrainConfig, dev_trials, lengths)
     net = accelerator.unwrap_model(model)
     net.eval()
     items = unique_utterances(dev_trials)
-    vectors = embed_cached(
-        ModelEmbedder(upstream, net), items, lengths, None, cfg.data.test_effects, accelerator, num_workers=0
-    )
+    embedder = ModelEmbedder(upstream, net, cfg.run.upstream_precision)
+    vectors = embed_cached(embedder, items, lengths, None, cfg.data.test_effects, accelerator, num_workers=0)
     net.train()
     return 100.0 * compute_eer(trial_scores(vectors, dev_trials), [t.label for t in dev_trials])[0]
 
@@ -210,6 +210,7 @@ def train(cfg: TrainConfig) -> Path:
         raise SystemExit(f"error: {err}") from None
     upstream.to(accelerator.device)
     finetune = cfg.model.upstream_trainable
+    check_upstream_precision(cfg.run.upstream_precision, finetune)
     upstream.requires_grad_(finetune)
     if finetune:
         disable_layerdrop(upstream)
@@ -359,7 +360,9 @@ def train(cfg: TrainConfig) -> Path:
                         if finetune:
                             hidden, hidden_len = upstream(wav, wav_len)
                         else:
-                            hidden, hidden_len = trainable_inputs(*upstream_forward(upstream, wav, wav_len))
+                            hidden, hidden_len = trainable_inputs(
+                                *upstream_forward(upstream, wav, wav_len, cfg.run.upstream_precision)
+                            )
                     loss, logits = model(hidden, hidden_len, labels)
                     accelerator.backward(loss)
                     finite = torch.isfinite(loss.detach()).float()  # a NaN loss must not poison the logged mean

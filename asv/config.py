@@ -156,6 +156,10 @@ class RunConfig:
     # no | fp16 | bf16, for neural upstreams (signal-processing front-ends such as fbank stay fp32).
     # Keep `no` on CPUs: bf16 matmuls there are ~100x slower than fp32.
     mixed_precision: str = "no"
+    # fp32 | bf16 | fp16: autocast the frozen upstream's forward alone (GPUs; fbank-like front-ends stay
+    # fp32). Its hidden states are cast back to fp32, so the trained featurizer, downstream and head keep
+    # --mixed_precision's precision. Evaluation uses the checkpoint's setting.
+    upstream_precision: str = "fp32"
     # torch.compile the featurizer + downstream + head (inductor, dynamic shapes). Opt-in: compiling
     # takes minutes and pays off only on long GPU runs.
     compile: bool = False
