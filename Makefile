@@ -30,4 +30,4 @@ BPY := .venv-bench/bin/python
 bench: setup
 	@bash bench/setup.sh
 	$(BPY) -m bench.train_speed
-	$(BPY) -m bench.eval_speed --ckpt_dir exp/bench/train/ours
+	$(BPY) -m bench.eval_speed --ckpt_dir exp/bench/train/demo-fbank/ours
