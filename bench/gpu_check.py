@@ -209,15 +209,18 @@ def main(argv: list[str] | None = None) -> Path:
         "cuda (torch build)": torch.version.cuda or "none",
         "python": platform.python_version(),
     }
-    results = [check_upstream(plan, name, size, label, out_dir) for name, size, label in plan["upstreams"]]
-    text = report(args.mode, plan, results, environment)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     md, js = out_dir / f"gpu_check-{args.mode}-{stamp}.md", out_dir / f"gpu_check-{args.mode}-{stamp}.json"
-    md.write_text(text)
-    js.write_text(json.dumps({"environment": environment, "plan": plan, "results": results}, indent=1))
-    if os.environ.get("OUT"):  # the device tool's folder: what is written there comes back
-        for f in (md, js):
-            shutil.copy(f, Path(os.environ["OUT"]) / f.name)
+    results = []
+    for name, size, label in plan["upstreams"]:
+        results.append(check_upstream(plan, name, size, label, out_dir))
+        # Rewritten after each upstream: a run stopped at the device's time limit still returns what it measured.
+        text = report(args.mode, plan, results, environment)
+        md.write_text(text)
+        js.write_text(json.dumps({"environment": environment, "plan": plan, "results": results}, indent=1))
+        if os.environ.get("OUT"):  # the device tool's folder: what is written there comes back
+            for f in (md, js):
+                shutil.copy(f, Path(os.environ["OUT"]) / f.name)
     print("\n" + text)
     print(f"gpu check ({args.mode}) done in {time.monotonic() - started:.0f} s; report: {md}", flush=True)
     return md
