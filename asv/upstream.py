@@ -33,7 +33,7 @@ except ImportError:
 
 # s3prl warns "ESPnet is not installed" at import for one upstream nobody here uses; keep output clean.
 logging.getLogger("s3prl.upstream.espnet_hubert.expert").setLevel(logging.ERROR)
-from s3prl.nn import Featurizer, S3PRLUpstream  # noqa: E402
+from s3prl.nn import Featurizer, S3PRLUpstream  # noqa: E402  (s3prl's Featurizer: the reference for ours)
 
 __all__ = [
     "Featurizer",
@@ -160,7 +160,12 @@ def upstream_forward(upstream: S3PRLUpstream, wav: torch.Tensor, wav_len: torch.
 
 
 def trainable_inputs(hidden: list[torch.Tensor], hidden_len: list[torch.Tensor]):
-    """Ordinary-tensor copies of inference-mode hidden states, so the featurizer can backpropagate."""
+    """Inference-mode hidden states made usable by a training step. Several states need nothing: the
+    featurizer (asv.models.Featurizer) stacks them into an ordinary tensor first, and that copy is all the
+    backward pass keeps. A single state goes straight to the downstream, which saves its input for the
+    backward pass, so it is cloned into an ordinary tensor."""
+    if len(hidden) > 1:
+        return hidden, hidden_len
     return [h.clone() for h in hidden], [n.clone() for n in hidden_len]
 
 
