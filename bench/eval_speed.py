@@ -43,6 +43,7 @@ import yaml  # noqa: E402
 from bench import s3prl_shim  # noqa: E402
 from bench.common import (  # noqa: E402
     CORPORA,
+    ROOT,
     WORK,
     Corpus,
     LoadMonitor,
@@ -231,6 +232,12 @@ def time_floors(embedder, loaded) -> dict:
     return {"model": model_s, "upstream": upstream_s}
 
 
+def relative_to_test_wav(path: str, corpus: Corpus) -> str:
+    """A trial list's wav path (absolute, or relative to the repository root as prepare.py writes the demo's)
+    relative to the corpus's test/wav, as the VoxCeleb-format trials.txt names it."""
+    return str((ROOT / path).resolve().relative_to((corpus.root / "test/wav").resolve()))
+
+
 def resolve_ckpt(path: str) -> str:
     """A step-<N> checkpoint directory, or a run directory (its newest checkpoint)."""
     from asv.checkpoint import list_checkpoints
@@ -270,10 +277,7 @@ def main(argv: list[str] | None = None) -> float:
     prepare_corpus(corpus)
     trials = read_trials_csv(corpus.data_dir / "trials" / f"{corpus.trial_list}.csv")[:max_trials]
     trials = select_trials(trials, args.max_utts)
-    test_root = corpus.root / "test/wav"
-    pairs = {
-        (str(Path(t.wav_path1).relative_to(test_root)), str(Path(t.wav_path2).relative_to(test_root))) for t in trials
-    }
+    pairs = {(relative_to_test_wav(t.wav_path1, corpus), relative_to_test_wav(t.wav_path2, corpus)) for t in trials}
     root, cache = s3prl_view(work, corpus=corpus, pairs=pairs)
     target = work / "s3prl"
     # s3prl's stages 0-1 (its csv files and speaker encoder) in a child, as its CLI runs them.
