@@ -35,4 +35,4 @@ clean-demo:
 BPY := .venv-bench/bin/python
 bench: bench-setup
 	$(BPY) -m bench.train_speed
-	$(BPY) -m bench.eval_speed --ckpt_dir exp/bench/train/ours
+	$(BPY) -m bench.eval_speed --ckpt_dir exp/bench/train/demo-fbank/ours

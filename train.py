@@ -107,7 +107,15 @@ def train(cfg: TrainConfig) -> Path:
         weights = lambda: embedder_weights(accelerator, model, upstream if finetune else None)  # noqa: E731
         save_checkpoint(accelerator, weights, lambda p: save_config(cfg, p), state, exp_dir, cfg.run.keep_num_ckpts)
         if run.dev_trials:
-            eer = dev_eer(accelerator, upstream, model, run.dev_trials, run.dev_lengths, cfg.data.test_effects)
+            eer = dev_eer(
+                accelerator,
+                upstream,
+                model,
+                run.dev_trials,
+                run.dev_lengths,
+                cfg.data.test_effects,
+                cfg.run.upstream_precision,
+            )
             accelerator.log({"dev/eer": eer}, step=state.step)
             bar.write(f"step {state.step}: dev EER {eer:.2f}%")
             log.write({"step": state.step, "dev/eer": eer})
@@ -137,7 +145,16 @@ def train(cfg: TrainConfig) -> Path:
             try:
                 # forward, backward and, on the batch that completes an update, clip + optimizer step
                 _, grad_norm = train_step(
-                    accelerator, model, upstream, optimizer, scheduler, batch, finetune, upstream_precision(), stats
+                    accelerator,
+                    model,
+                    upstream,
+                    optimizer,
+                    scheduler,
+                    batch,
+                    finetune,
+                    upstream_precision(),
+                    stats,
+                    cfg.run.upstream_precision,
                 )
             except torch.OutOfMemoryError:
                 # s3prl's OOM check is inverted and never fires; here the batch is dropped and counted.

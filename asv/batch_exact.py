@@ -80,7 +80,7 @@ def plan_for(upstream) -> Plan:
     return _plans[upstream]
 
 
-def exact_upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor):
+def exact_upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor, precision: str = "fp32"):
     """Hidden states and lengths of a padded batch, each utterance's equal to what it gets alone (batch 1).
 
     wav (B, T) padded audio, wav_len (B,) its lengths; returns ([(B, T', D)] per layer, [(B,)] per layer) like
@@ -91,8 +91,8 @@ def exact_upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor):
     plan = plan_for(module)
     with _modes_kept(module):
         if not plan.exact:
-            return _one_by_one(module, wav, wav_len)
-        return _exact(module, plan, wav, wav_len)
+            return _one_by_one(module, wav, wav_len, precision)
+        return _exact(module, plan, wav, wav_len, precision)
 
 
 @contextmanager
@@ -107,7 +107,7 @@ def _modes_kept(module: nn.Module):
             m.training = training
 
 
-def _exact(module, plan: Plan, wav: torch.Tensor, wav_len: torch.Tensor):
+def _exact(module, plan: Plan, wav: torch.Tensor, wav_len: torch.Tensor, precision: str):
     """One padded forward with the plan's patches, then s3prl's per-utterance frame counts."""
     # A lone utterance under 0.05 s is zero-extended to it and modelled as that longer input; do the same per
     # utterance (in a batch, s3prl extends only when the longest one is that short).
@@ -116,14 +116,17 @@ def _exact(module, plan: Plan, wav: torch.Tensor, wav_len: torch.Tensor):
     valid = torch.arange(width, device=wav.device)[None, :] < wav_len[:, None]
     wav = torch.nn.functional.pad(wav, (0, width - wav.size(1))) * valid
     with _patched(plan, model_len) as frames:
-        hs, _ = upstream_forward(module, wav, model_len)
+        hs, _ = upstream_forward(module, wav, model_len, precision)
     num_frames = frames() if plan.kaldi is not None else _conv_lengths(model_len, plan.convs)
     return _repeat_last_frames(hs, wav_len, num_frames, module.downsample_rates)
 
 
-def _one_by_one(upstream, wav: torch.Tensor, wav_len: torch.Tensor):
+def _one_by_one(upstream, wav: torch.Tensor, wav_len: torch.Tensor, precision: str):
     """The reference itself: each utterance alone, the outputs padded into a batch."""
-    outs = [upstream_forward(upstream, wav[i : i + 1, : int(n)], wav_len[i : i + 1]) for i, n in enumerate(wav_len)]
+    outs = [
+        upstream_forward(upstream, wav[i : i + 1, : int(n)], wav_len[i : i + 1], precision)
+        for i, n in enumerate(wav_len)
+    ]
     hs, lens = [], []
     for layer in range(len(outs[0][0])):
         hs.append(torch.nn.utils.rnn.pad_sequence([o[0][layer][0] for o in outs], batch_first=True))

@@ -183,6 +183,10 @@ class RunConfig(_Checked):
     # no | fp16 | bf16, for neural upstreams (signal-processing front-ends such as fbank stay fp32).
     # Keep `no` on CPUs: bf16 matmuls there are ~100x slower than fp32.
     mixed_precision: str = choice("no", "fp16", "bf16", default="no")
+    # fp32 | bf16 | fp16: autocast the frozen upstream's forward alone (GPUs; fbank-like front-ends stay
+    # fp32). Its hidden states are cast back to fp32, so the trained featurizer, downstream and head keep
+    # --mixed_precision's precision. Evaluation uses the checkpoint's setting.
+    upstream_precision: str = choice("fp32", "bf16", "fp16", default="fp32")
     # torch.compile the featurizer + downstream + head (inductor, dynamic shapes). Opt-in: compiling
     # takes minutes and pays off only on long GPU runs.
     compile: bool = False
@@ -219,6 +223,14 @@ class TrainConfig(_Checked):
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.model.upstream_trainable and self.run.upstream_precision != "fp32":
+            raise ConfigError(
+                f"--upstream_precision {self.run.upstream_precision} applies to a frozen upstream; to fine-tune it in "
+                f"{self.run.upstream_precision}, use --mixed_precision instead"
+            )
 
 
 @dataclass

@@ -44,8 +44,8 @@ CACHE_VERSION = 2  # 2: batch-exact upstream (asv/batch_exact.py); older caches 
 class ModelEmbedder:
     """Whole utterances -> embeddings through an upstream and a SpeakerModel (e.g. the one training)."""
 
-    def __init__(self, upstream, model):
-        self.upstream, self.model = upstream, model
+    def __init__(self, upstream, model, upstream_precision: str = "fp32"):
+        self.upstream, self.model, self.upstream_precision = upstream, model, upstream_precision
 
     @property
     def min_samples(self) -> int:
@@ -61,7 +61,7 @@ class ModelEmbedder:
     @torch.inference_mode()
     def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
         # Each embedding equals the utterance's batch-1 one (s3prl's evaluation), padding notwithstanding.
-        hidden, hidden_len = exact_upstream_forward(self.upstream, wav, wav_len)
+        hidden, hidden_len = exact_upstream_forward(self.upstream, wav, wav_len, self.upstream_precision)
         return self.model.embed(hidden, hidden_len)
 
 
@@ -92,6 +92,7 @@ class Embedder(ModelEmbedder):
         self.model.load_state_dict(state, strict=False)  # strict but for the head, which evaluation drops
         self.model.to(device).eval()
         self.test_effects = self.cfg.data.test_effects
+        self.upstream_precision = self.cfg.run.upstream_precision
 
     def fingerprint(self, effects: bool) -> str:
         h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "effects": effects}).encode())

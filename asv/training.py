@@ -91,19 +91,32 @@ class RunningStats:
         return record
 
 
-def train_step(accelerator, model, upstream, optimizer, scheduler, batch, finetune: bool, precision, stats):
-    """One batch of train.py's loop (and of the s3prl parity test, which runs exactly this): upstream features
-    under `precision`, the model's (loss, logits), Accelerate's backward (the loss divided by the accumulation),
-    and on the batch that completes an update: the gradient norm clipped to stats.gradient_clipping, then the
-    optimizer and scheduler step, skipped when the norm is not finite, as s3prl does (counted in `stats`, which
-    gives up when it keeps happening: the run has diverged). Returns (loss, gradient norm or None)."""
+def train_step(
+    accelerator,
+    model,
+    upstream,
+    optimizer,
+    scheduler,
+    batch,
+    finetune: bool,
+    precision,
+    stats,
+    upstream_precision="fp32",
+):
+    """One batch of train.py's loop (and of the s3prl parity test, which runs exactly this).
+
+    Upstream features under `precision` (a frozen upstream autocast alone to `upstream_precision`), the model's
+    (loss, logits), Accelerate's backward (the loss divided by the accumulation), and on the batch that
+    completes an update: the gradient norm clipped to stats.gradient_clipping, then the optimizer and scheduler
+    step, skipped when the norm is not finite, as s3prl does (counted in `stats`, which gives up when it keeps
+    happening: the run has diverged). Returns (loss, gradient norm or None)."""
     from asv.upstream import upstream_features
 
     wav, wav_len, labels = batch
     grad_norm = None
     with accelerator.accumulate(model, *([upstream] if finetune else [])):
         # A frozen upstream runs in inference mode, so no autograd graph goes through it.
-        hidden, hidden_len = upstream_features(upstream, wav, wav_len, finetune, precision)
+        hidden, hidden_len = upstream_features(upstream, wav, wav_len, finetune, precision, upstream_precision)
         loss, logits = model(hidden, hidden_len, labels)
         accelerator.backward(loss)
         stats.add(loss, logits, labels)
@@ -126,12 +139,15 @@ def unreadable_files(accelerator, dataset) -> int:
     return int(accelerator.reduce(count, reduction="sum"))
 
 
-def dev_eer(accelerator, upstream, model, dev_trials, lengths: dict[str, int], test_effects: bool) -> float:
+def dev_eer(
+    accelerator, upstream, model, dev_trials, lengths: dict[str, int], test_effects: bool, upstream_precision="fp32"
+) -> float:
     """EER (percent) of the model being trained on the held-out dev list, embedding sharded across processes."""
     from asv.extract import ModelEmbedder, trial_list_eer
 
     net = accelerator.unwrap_model(model)
     net.eval()
-    eer, _ = trial_list_eer(ModelEmbedder(upstream, net), dev_trials, lengths, None, test_effects, accelerator)
+    embedder = ModelEmbedder(upstream, net, upstream_precision)
+    eer, _ = trial_list_eer(embedder, dev_trials, lengths, None, test_effects, accelerator)
     net.train()
     return 100.0 * eer

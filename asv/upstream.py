@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torchaudio
 
-from asv.errors import UpstreamError
+from asv.errors import ConfigError, UpstreamError
 
 # s3prl 0.4.18 calls torchaudio.set_audio_backend at import time and imports torchaudio.sox_effects in
 # modules that s3prl.hub pulls in; torchaudio 2.9 removed both. Nothing on our path uses them (audio I/O
@@ -35,11 +35,12 @@ except ImportError:
 logging.getLogger("s3prl.upstream.espnet_hubert.expert").setLevel(logging.ERROR)
 
 __all__ = [
+    "UPSTREAM_PRECISIONS",
     "UpstreamError",
     "build_upstream",
+    "check_upstream_precision",
     "disable_layerdrop",
     "enable_gradient_checkpointing",
-    "featurizer",
     "list_upstreams",
     "trainable_inputs",
     "upstream_features",
@@ -48,6 +49,8 @@ __all__ = [
 
 # Names that need no download: s3prl computes them from the waveform (spec section 6.1).
 WEIGHT_FREE = {"fbank", "fbank_no_cmvn", "baseline", "mfcc", "mel", "spectrogram", "linear"}
+# --upstream_precision choices: the autocast dtype of a frozen neural upstream's forward (None = none).
+UPSTREAM_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def s3prl_nn():
@@ -56,11 +59,6 @@ def s3prl_nn():
     import s3prl.nn
 
     return s3prl.nn
-
-
-def featurizer(upstream, layer_selections: list[int] | None, normalize: bool):
-    """s3prl's Featurizer: the softmax-weighted sum of the upstream's hidden states (zero-initialised weights)."""
-    return s3prl_nn().Featurizer(upstream, layer_selections=layer_selections, normalize=normalize)
 
 
 def list_upstreams() -> list[str]:
@@ -106,6 +104,8 @@ def build_upstream(name: str, ckpt: str | None = None, normalize: bool = False):
         ) from err
     upstream.eval()
     upstream.requires_grad_(False)
+    # Signal-processing front-ends stay in fp32 whatever --upstream_precision says (upstream_forward).
+    upstream.weight_free = name in WEIGHT_FREE
     return upstream
 
 
@@ -135,27 +135,54 @@ def check_local_ckpt(name: str, ckpt: str) -> None:
         raise UpstreamError(f"--upstream_ckpt {ckpt} is not {expected_ckpt_format(name)}")
 
 
+def check_upstream_precision(precision: str, trainable: bool) -> None:
+    """--upstream_precision is a known choice, and only set for a frozen upstream (a fine-tuned one trains
+    under --mixed_precision, whose gradient scaling an fp16 upstream would need)."""
+    if precision not in UPSTREAM_PRECISIONS:
+        raise ConfigError(f"--upstream_precision {precision}: choose one of {', '.join(UPSTREAM_PRECISIONS)}")
+    if trainable and precision != "fp32":
+        raise ConfigError(
+            f"--upstream_precision {precision} applies to a frozen upstream; to fine-tune it in {precision}, "
+            "use --mixed_precision instead"
+        )
+
+
 @torch.inference_mode()
-def upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor):
+def upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor, precision: str = "fp32"):
     """Hidden states of a frozen upstream, always in eval mode (dropout off), as SuperbASV does.
 
     Inference mode skips autograd bookkeeping entirely; its outputs cannot be saved for a backward
-    pass, so a training step clones them first (`trainable_inputs`)."""
+    pass, so a training step clones them first (`trainable_inputs`). `precision` bf16/fp16 autocasts
+    the upstream alone; its hidden states come back as fp32, so the featurizer, downstream and head
+    compute exactly as they would after an fp32 upstream."""
+    check_upstream_precision(precision, trainable=False)
     upstream.eval()
-    return upstream(wav, wav_len)
+    dtype = None if getattr(upstream, "weight_free", False) else UPSTREAM_PRECISIONS[precision]
+    if dtype is None:
+        return upstream(wav, wav_len)
+    with torch.autocast(wav.device.type, dtype=dtype):
+        hidden, hidden_len = upstream(wav, wav_len)
+    return [h.float() for h in hidden], hidden_len
 
 
-def upstream_features(upstream, wav: torch.Tensor, wav_len: torch.Tensor, trainable: bool, precision):
+def upstream_features(
+    upstream, wav: torch.Tensor, wav_len: torch.Tensor, trainable: bool, precision, upstream_precision: str = "fp32"
+):
     """The hidden states a training step feeds the featurizer, under the `precision` autocast context: a
     fine-tuned upstream runs with autograd; a frozen one in inference mode, its outputs copied out of it."""
     with precision:
         if trainable:
             return upstream(wav, wav_len)
-        return trainable_inputs(*upstream_forward(upstream, wav, wav_len))
+        return trainable_inputs(*upstream_forward(upstream, wav, wav_len, upstream_precision))
 
 
 def trainable_inputs(hidden: list[torch.Tensor], hidden_len: list[torch.Tensor]):
-    """Ordinary-tensor copies of inference-mode hidden states, so the featurizer can backpropagate."""
+    """Inference-mode hidden states made usable by a training step. Several states need nothing: the
+    featurizer (asv.models.Featurizer) stacks them into an ordinary tensor first, and that copy is all the
+    backward pass keeps. A single state goes straight to the downstream, which saves its input for the
+    backward pass, so it is cloned into an ordinary tensor."""
+    if len(hidden) > 1:
+        return hidden, hidden_len
     return [h.clone() for h in hidden], [n.clone() for n in hidden_len]
 
 

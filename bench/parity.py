@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import s3prl_view
+from bench.common import Corpus, s3prl_view
 
 INIT_FILE, LOSSES_FILE = "init.pt", "losses.json"
 S3PRL_TRIAL_LIST = "test_trial"  # stage 0 names its trial csv so; stage 3 writes evaluate/<it>/step_<N>/
@@ -270,7 +270,7 @@ def s3prl_side(spec_path: Path) -> None:
     print(f"[parity] s3prl imported (process cpu {time.process_time():.1f} s)", flush=True)
     spec = json.loads(Path(spec_path).read_text())
     work = Path(spec["work"])
-    root, cache = s3prl_view(work, corpus=Path(spec["corpus"]))
+    root, cache = s3prl_view(work, corpus=Corpus("parity", work / "unused", Path(spec["corpus"]), "trials"))
     crops = torch.load(spec["crops"], weights_only=True)
     # Items as SuperbASV's train dataset yields them (x, x_len, class_id, unique_name); its
     # default_collate_fn pads x with zeros, as ours does.

@@ -8,15 +8,21 @@
 code must not need it. With BENCH_STEP_LOG=FILE in the environment, every optimizer step appends its
 time.monotonic() to FILE, so both sides' update rates are measured the same way (the timestamps include
 data-loading stalls, as a user sees them, and exclude start-up and the first-run caches).
+With BENCH_SHAPE_LOG=FILE, every upstream forward (s3prl's S3PRLUpstream, which both sides use) appends
+`batch padded_samples`, so both sides' padded audio per update can be compared. With BENCH_CUDA_MEM=FILE,
+the process writes its peak CUDA memory (allocated and reserved bytes, JSON) there when it exits.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import runpy
 import sys
 import time
 
+import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
@@ -30,16 +36,49 @@ def record_optimizer_steps(path: str) -> None:
     register_optimizer_step_post_hook(hook)
 
 
+def record_upstream_batches(path: str) -> None:
+    """Append `batch padded_samples` per S3PRLUpstream forward to `path` (import the torchaudio shim first)."""
+    from s3prl.nn.upstream import S3PRLUpstream
+
+    log = open(path, "a", buffering=1)  # noqa: SIM115  (kept open for the life of the process)
+    forward = S3PRLUpstream.forward
+
+    def logged(self, wavs, wavs_len):
+        log.write(f"{wavs.size(0)} {wavs.size(1)}\n")
+        return forward(self, wavs, wavs_len)
+
+    S3PRLUpstream.forward = logged
+
+
+def record_cuda_peak(path: str) -> None:
+    """At exit (s3prl's --stop ends with exit(0), which still runs atexit), write this process's peak CUDA memory."""
+
+    def write():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            peak = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+            with open(path, "w") as f:
+                json.dump(peak, f)
+
+    atexit.register(write)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] not in ("s3prl", "script"):
         raise SystemExit("usage: python -m bench.runner {s3prl PROBLEM | script FILE.py} [args ...]")
     if os.environ.get("BENCH_STEP_LOG"):
         record_optimizer_steps(os.environ["BENCH_STEP_LOG"])
+    if os.environ.get("BENCH_CUDA_MEM"):
+        record_cuda_peak(os.environ["BENCH_CUDA_MEM"])
     mode, target, args = argv[0], argv[1], argv[2:]
     if mode == "s3prl":
         from bench import s3prl_shim
 
         s3prl_shim.install()
+    else:
+        import asv.upstream  # noqa: F401  (its torchaudio shim, before s3prl.nn is imported below)
+    if os.environ.get("BENCH_SHAPE_LOG"):
+        record_upstream_batches(os.environ["BENCH_SHAPE_LOG"])
+    if mode == "s3prl":
         from s3prl import problem
 
         getattr(problem, target)().main(args)  # what s3prl/main.py does

@@ -104,6 +104,45 @@ def effect_names() -> list[str]:
     return list(SUPPORTED)
 
 
+def _unused_module(name: str, attrs: tuple[str, ...] = ()) -> types.ModuleType:
+    """A stand-in for a package s3prl imports but SuperbASV never uses: importing works, any use raises."""
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"bench/s3prl_shim.py: {name} is not installed here; SuperbASV never needs it")
+
+    module = types.ModuleType(name)
+    module.__superb_asv_shim__ = True
+    for attr in attrs:
+        setattr(module, attr, fail)
+
+    def missing(attr: str):
+        if attr.startswith("__"):  # the import machinery probes dunders (__path__, ...): plain absence
+            raise AttributeError(attr)
+        fail()
+
+    module.__getattr__ = missing
+    return module
+
+
+def stub_hear_scoring() -> list[str]:
+    """s3prl.problem imports sed_eval and dcase_util at import time (s3prl/task/_hear_score.py, HEAR's event
+    scoring), which SuperbASV never calls. Where they do not import (the GPU machine has neither, and
+    dcase_util needs libmagic and pkg_resources), install stand-ins whose every use raises; where they do,
+    leave them. Returns the names stubbed."""
+    import importlib
+
+    stubbed = []
+    for name, attrs in (("sed_eval", ()), ("dcase_util", ()), ("dcase_util.containers", ("MetaDataContainer",))):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.modules[name] = _unused_module(name, attrs)
+            stubbed.append(name)
+    if "dcase_util.containers" in stubbed and "dcase_util" in stubbed:
+        sys.modules["dcase_util"].containers = sys.modules["dcase_util.containers"]
+    return stubbed
+
+
 def install() -> None:
     """Register the shim on torchaudio (idempotent). Best called before importing s3prl or asv.upstream;
     replacing an earlier stub still works for s3prl's loader, which looks the function up at call time."""
@@ -111,6 +150,7 @@ def install() -> None:
         torchaudio.set_audio_backend = lambda *args, **kwargs: None
     # s3prl.problem imports dcase_util, which imports pkg_resources (hence setuptools<81) and warns about it.
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    stub_hear_scoring()
     if getattr(sys.modules.get("torchaudio.sox_effects"), "__superb_asv_shim__", False):
         return
     shim = types.ModuleType("torchaudio.sox_effects")

@@ -1,0 +1,48 @@
+"""bench/gpu_check.sh --cpu: the GPU check's every part (s3prl's runner and ours, train and eval, bf16 upstream,
+EER check, projection, report files) on tiny upstreams and the local venvs, offline. The figures themselves are
+CPU figures of tiny models and are not checked; what must hold is that every part ran and reported."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_gpu_check_dry_run(tmp_path):
+    if not (ROOT / ".venv-bench/bin/python").exists():
+        pytest.fail(".venv-bench is missing (s3prl's runner extras): run `make test` or `bash bench/setup.sh`")
+    run = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--cpu", "--out_dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (md,) = tmp_path.glob("gpu_check-cpu-*.md")
+    (js,) = tmp_path.glob("gpu_check-cpu-*.json")
+    text = md.read_text()
+    assert "NOT a GPU figure" in text  # the dry run's figures are labelled as CPU ones
+    for section in ("## Training", "## Evaluation", "## Projection"):
+        assert section in text
+    report = json.loads(js.read_text())
+    assert report["environment"]["gpu"].startswith("none")
+    assert [r["upstream"] for r in report["results"]] == ["hubert_local", "wavlm_local"]
+    for r in report["results"]:
+        for side in ("s3prl", "ours", "ours_bf16"):
+            x = r["train"][side]
+            assert x["updates_per_s"] > 0 and x["counted_updates"] == 2, (r["label"], side)
+            assert x["padded_seconds_per_update"] > 0
+        e = r["eval"]
+        assert e["utterances"] <= 8 and e["s3prl"]["utt_per_s"] > 0 and e["ours_bf16"]["utt_per_s"] > 0
+        # The same-weights EER check is computed and reported as it came out. Whether batched embeddings equal
+        # s3prl's batch-1 ones is tests/test_s3prl_parity.py's and tests/test_batch_exact.py's to assert.
+        assert 0 <= e["s3prl"]["eer"] <= 100 and 0 <= e["ours"]["eer"] <= 100
+        assert e["eer_difference"] == pytest.approx(abs(e["s3prl"]["eer"] - e["ours"]["eer"]))
+        verdict = "match" if e["eer_difference"] <= 0.01 else "MISMATCH"
+        assert f"| {e['eer_difference']:.3f} ({verdict}) |" in text
+        assert f"| {r['label']} | ours, fp32 |" in text
