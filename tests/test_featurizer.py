@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from asv.errors import ConfigError
 from asv.models import Featurizer
-from asv.upstream import Featurizer as S3prlFeaturizer
-from asv.upstream import trainable_inputs
+from asv.upstream import s3prl_nn, trainable_inputs
 
 L, B, T, D = 13, 3, 50, 32
 
@@ -38,7 +37,7 @@ def rel(a, b) -> float:
 @pytest.mark.parametrize("normalize", [False, True])
 def test_matches_s3prl(selections, normalize):
     ours = Featurizer(FakeUpstream(), selections, normalize)
-    ref = S3prlFeaturizer(FakeUpstream(), selections, normalize)
+    ref = s3prl_nn().Featurizer(FakeUpstream(), selections, normalize)
     assert ours.state_dict().keys() == ref.state_dict().keys()
     assert ours.layer_selections == ref.layer_selections and ours.output_size == ref.output_size
     w = torch.randn(len(ours.layer_selections), generator=torch.Generator().manual_seed(1))
@@ -66,7 +65,7 @@ def test_matches_s3prl(selections, normalize):
 
 
 def test_bf16_states_mix_in_fp32_like_s3prl():
-    ours, ref = Featurizer(FakeUpstream()), S3prlFeaturizer(FakeUpstream())
+    ours, ref = Featurizer(FakeUpstream()), s3prl_nn().Featurizer(FakeUpstream())
     hs, lens = states(4)
     low = [h.bfloat16() for h in hs]
     out, _ = ours(low, lens)
