@@ -143,3 +143,21 @@ def test_registries_reject_unknown_names():
         build_loss(LossConfig(loss="arcface"), 8, 2)
     with pytest.raises(ValueError, match="xvector"):
         build_speaker_model(ModelConfig(downstream="resnet"), LossConfig(), FakeUpstream(), 2)
+
+
+def test_weight_free_upstream_starts_without_the_full_s3prl_hub():
+    # s3prl.hub imports every upstream's code (transformers included, ~4 CPU-s per script start); fbank needs
+    # none of it. In a fresh process, as train.py and evaluate.py start.
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys; import asv.upstream as u; up = u.build_upstream('fbank'); "
+        "assert 'transformers' not in sys.modules and up.upstream.__class__.__module__.startswith('s3prl.upstream'); "
+        "names = u.list_upstreams(); assert {'fbank', 'hubert', 'wavlm_large'} <= set(names), len(names); "
+        "import s3prl.hub; assert s3prl.hub.hubert.__module__ == 's3prl.upstream.hubert.hubconf'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
