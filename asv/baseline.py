@@ -24,9 +24,14 @@ def mean_mfcc_embedding(wav: np.ndarray, sr: int = 16000) -> np.ndarray:
     return feats[:, 1:].mean(dim=0).numpy().astype(np.float64)
 
 
-def mean_mfcc_scores(trials: list[tuple[str, str]], load: Callable[[str], np.ndarray]) -> np.ndarray:
-    """Cosine similarity of mean-MFCC embeddings for each (enrol, test) pair; each file embedded once."""
+def mean_mfcc_scores(
+    trials: list[tuple[str, str]], load: Callable[[str], np.ndarray], desc: str | None = None
+) -> np.ndarray:
+    """Cosine similarity of mean-MFCC embeddings for each (enrol, test) pair; each file embedded once.
+    With `desc`, progress is shown under that name (asv.progress)."""
+    from asv.progress import progress
+
     paths = sorted({p for pair in trials for p in pair})
-    emb = {p: mean_mfcc_embedding(load(p)) for p in paths}
+    emb = {p: mean_mfcc_embedding(load(p)) for p in progress(paths, desc=desc or "", unit="utt", enabled=bool(desc))}
     unit = {p: e / (np.linalg.norm(e) + 1e-12) for p, e in emb.items()}
     return np.array([float(unit[a] @ unit[b]) for a, b in trials])

@@ -98,8 +98,10 @@ class ModelConfig(_Checked):
     downstream: str = choice(*DOWNSTREAMS, default="xvector")
     # Speaker embedding size (ECAPA-TDNN papers use 192).
     embed_dim: int = 512
-    # Width of the projector and TDNN layers (used by: xvector).
+    # Width of the projector, the TDNN stack's input (used by: xvector).
     hidden_size: int = 512
+    # Width of TDNN layers 1-4 (used by: xvector; s3prl hard-codes 512).
+    tdnn_size: int = 512
     # Width of the last TDNN layer, before statistics pooling (used by: xvector).
     aggregation_size: int = 1500
     # Dropout after each TDNN layer (used by: xvector).

@@ -140,7 +140,7 @@ def demo(cfg) -> Corpus:
         utts_per_video=cfg.demo_utts_per_video,
         num_trials=cfg.demo_trials,
     )
-    wanted = {**args, "version": CORPUS_VERSION}
+    wanted = {**args, "version": CORPUS_VERSION}  # the worker count changes no byte, so it is not recorded
     if cfg.force or not marker.is_file() or json.loads(marker.read_text())["args"] != wanted:
         if root.exists() and any(root.iterdir()):
             if not marker.is_file():  # never delete what we did not generate
@@ -151,7 +151,7 @@ def demo(cfg) -> Corpus:
                 shutil.rmtree(root / sub, ignore_errors=True)
             marker.unlink()
         print(f"generating the demo corpus in {root} ...")
-        info = generate_corpus(root, **args)
+        info = generate_corpus(root, **args, num_workers=cfg.num_workers)
         marker.write_text(json.dumps({"args": wanted, "summary": info}, indent=1))
     trial_list = root / "demo_test.txt"  # the trial list's name is its stem: trials/demo_test.csv
     trial_list.write_text((root / "trials.txt").read_text())

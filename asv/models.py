@@ -14,7 +14,14 @@ XVECTOR_LENGTH_REDUCTION = 14
 
 
 class TDNN(nn.Module):
-    """Time-delay layer (Peddinti et al., 2015) as s3prl's: unfold over time, Linear, ReLU, no padding."""
+    """Time-delay layer (Peddinti et al., 2015) as s3prl's: context frames at a dilation, Linear, ReLU, no padding.
+
+    s3prl unfolds the context into a (B, T', ctx*D) copy and multiplies it by a Linear. The same sums run here
+    as one dilated conv1d whose kernel is a view of that Linear's weight (s3prl's parameter names and layout,
+    so state dicts load unchanged): no context copy is materialised (it is ctx times the input, and its
+    gradient as large again), and the convolution goes through oneDNN, which picks its kernels by the CPU's
+    instruction set rather than its vendor.
+    """
 
     def __init__(
         self,
@@ -31,15 +38,15 @@ class TDNN(nn.Module):
         self.drop = nn.Dropout(dropout_p) if dropout_p else nn.Identity()
         self.bn = nn.BatchNorm1d(output_size) if batch_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T - (ctx-1)*dil, out)
-        span = (self.context_size - 1) * self.dilation + 1
-        # (B, T', D, ctx) -> (B, T', ctx*D) in s3prl's (offset-major) order, so weights load as-is.
-        frames = x.unfold(1, span, 1)[..., :: self.dilation]
-        frames = frames.transpose(2, 3).reshape(x.size(0), -1, self.context_size * self.input_size)
-        x = self.drop(F.relu(self.kernel(frames)))
-        if self.bn is not None:
-            x = self.bn(x.transpose(1, 2)).transpose(1, 2)
-        return x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, out, T - (ctx-1)*dil), channels first
+        if self.context_size == 1:
+            x = F.conv1d(x, self.kernel.weight[:, :, None], self.kernel.bias)
+        else:
+            # Linear column c*D + d multiplies frame offset c, channel d (s3prl's offset-major unfold order).
+            weight = self.kernel.weight.view(-1, self.context_size, self.input_size).transpose(1, 2)
+            x = F.conv1d(x, weight, self.kernel.bias, dilation=self.dilation)
+        x = self.drop(F.relu(x))
+        return x if self.bn is None else self.bn(x)
 
 
 def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -60,7 +67,10 @@ def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class SuperbXvector(nn.Module):
-    """SUPERB's x-vector (Snyder et al., 2018) with the layout and parameter names of s3prl's SuperbXvector."""
+    """SUPERB's x-vector (Snyder et al., 2018) with the layout and parameter names of s3prl's SuperbXvector.
+
+    `tdnn_size` is the width of TDNN layers 1-4, which s3prl hard-codes to 512 (the default here too).
+    """
 
     def __init__(
         self,
@@ -70,17 +80,19 @@ class SuperbXvector(nn.Module):
         aggregation_size: int = 1500,
         dropout_p: float = 0.0,
         batch_norm: bool = False,
+        tdnn_size: int = 512,
     ):
         super().__init__()
         self.output_size = output_size
         self.projector = nn.Linear(input_size, hidden_size)
         self.tdnns = nn.Module()
+        w = tdnn_size
         self.tdnns.module = nn.Sequential(
-            TDNN(hidden_size, 512, 5, 1, dropout_p, batch_norm),
-            TDNN(512, 512, 3, 2, dropout_p, batch_norm),
-            TDNN(512, 512, 3, 3, dropout_p, batch_norm),
-            TDNN(512, 512, 1, 1, dropout_p, batch_norm),
-            TDNN(512, aggregation_size, 1, 1, dropout_p, batch_norm),
+            TDNN(hidden_size, w, 5, 1, dropout_p, batch_norm),
+            TDNN(w, w, 3, 2, dropout_p, batch_norm),
+            TDNN(w, w, 3, 3, dropout_p, batch_norm),
+            TDNN(w, w, 1, 1, dropout_p, batch_norm),
+            TDNN(w, aggregation_size, 1, 1, dropout_p, batch_norm),
         )
         self.affine = nn.Module()
         self.affine.linear1 = nn.Linear(2 * aggregation_size, output_size)
@@ -93,9 +105,10 @@ class SuperbXvector(nn.Module):
                 f"utterance too short for the x-vector: it needs at least {XVECTOR_LENGTH_REDUCTION + 1} "
                 "upstream frames (0.15 s at 10 ms frames, 0.3 s at 20 ms)"
             )
-        x = self.tdnns.module(self.projector(x))  # (B, T-14, 1500)
+        # The TDNN stack runs channels first, the layout its convolutions take, so no layer transposes.
+        x = self.tdnns.module(self.projector(x).transpose(1, 2))  # (B, 1500, T-14)
         x_len = x_len - XVECTOR_LENGTH_REDUCTION
-        h = F.relu(self.affine.linear1(masked_mean_std(x, x_len)))
+        h = F.relu(self.affine.linear1(masked_mean_std(x.transpose(1, 2), x_len)))
         if self.training:
             h = F.relu(self.affine.linear2(h))
         return h
@@ -214,7 +227,7 @@ class EcapaTdnn(nn.Module):
 # name -> constructor from the featurizer's output size and the model config section (asv.config.ModelConfig).
 DOWNSTREAMS = {
     "xvector": lambda d, m: SuperbXvector(
-        d, m.embed_dim, m.hidden_size, m.aggregation_size, dropout_p=m.dropout_p, batch_norm=m.batch_norm
+        d, m.embed_dim, m.hidden_size, m.aggregation_size, m.dropout_p, m.batch_norm, m.tdnn_size
     ),
     "ecapa": lambda d, m: EcapaTdnn(d, m.embed_dim, channels=m.ecapa_channels),
 }

@@ -1,8 +1,10 @@
 """Progress wherever a person waits: a tqdm bar (rate, ETA) on a terminal; in a log file or CI, where a bar's
-carriage returns would make a mess, a plain line at most every `every_s` seconds and at the end."""
+carriage returns would make a mess, a plain line at most every `every_s` seconds and at the end.
+ASV_PROGRESS_EVERY_S sets that interval for every bar (the tests set 0 to see the lines of short jobs)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -20,7 +22,7 @@ def progress(
     desc: str = "",
     unit: str = "it",
     size=None,
-    every_s: float = 30.0,
+    every_s: float | None = None,
     enabled: bool = True,
 ) -> Iterator:
     """Iterate with progress shown on stderr (see the module docstring). `size(item)` counts an item as that
@@ -31,6 +33,7 @@ def progress(
         yield from iterable
         return
     size = size or (lambda item: 1)
+    every_s = line_interval() if every_s is None else every_s
     t0 = last = time.time()
     n = 0
     bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False) if is_terminal() else None
@@ -48,6 +51,17 @@ def progress(
         bar.close()
     elif n and time.time() - t0 >= every_s:  # short jobs stay silent; long ones end with their totals
         print(status_line(desc, n, total, time.time() - t0, unit), file=sys.stderr, flush=True)
+
+
+def line_interval() -> float:
+    """Seconds between plain progress lines: ASV_PROGRESS_EVERY_S, else 30."""
+    value = os.environ.get("ASV_PROGRESS_EVERY_S", "30")
+    try:
+        return float(value)
+    except ValueError:
+        from asv.errors import ConfigError
+
+        raise ConfigError(f"ASV_PROGRESS_EVERY_S={value!r} is not a number of seconds; unset it or set 30") from None
 
 
 def status_line(desc: str, n: int, total: int | None, seconds: float, unit: str) -> str:

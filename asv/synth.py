@@ -267,8 +267,10 @@ def generate_corpus(
     min_seconds: float = 2.5,
     max_seconds: float = 6.0,
     num_trials: int = 3000,
+    num_workers: int = 1,
 ) -> dict:
-    """Write the corpus under `root` (see the module docstring) and return a summary of it."""
+    """Write the corpus under `root` (see the module docstring) and return a summary of it. Speakers are
+    written by `num_workers` processes; each draws from its own stream, so the bytes do not depend on it."""
     if num_train_speakers > 10000:
         raise ValueError("at most 10000 training speakers (test ids start at id10001)")
     if min_seconds < 1.5 or max_seconds < min_seconds:
@@ -276,23 +278,23 @@ def generate_corpus(
     root = Path(root)
     # One independent stream per speaker and one for the trials, so nothing depends on call order.
     streams = np.random.SeedSequence(seed).spawn(num_train_speakers + num_test_speakers + 1)
-    seconds = 0.0
-    test_paths: list[str] = []
     speakers = [("dev", f"id{k + 1:05d}") for k in range(num_train_speakers)]
     speakers += [("test", f"id{10001 + k:05d}") for k in range(num_test_speakers)]
-    for (split, spk), stream in zip(speakers, streams, strict=False):
-        paths, secs = _write_speaker(
-            root / split / "wav",
-            spk,
-            np.random.default_rng(stream),
-            videos_per_speaker,
-            utts_per_video,
-            min_seconds,
-            max_seconds,
-        )
-        seconds += secs
-        if split == "test":
-            test_paths += paths
+    jobs = [
+        (root / split / "wav", spk, stream, videos_per_speaker, utts_per_video, min_seconds, max_seconds)
+        for (split, spk), stream in zip(speakers, streams, strict=False)
+    ]
+    if num_workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the workers inherit the imported modules instead of re-importing them (seconds each).
+        with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            written = list(pool.map(_write_speaker_job, jobs, chunksize=max(1, len(jobs) // (4 * num_workers))))
+    else:
+        written = [_write_speaker_job(job) for job in jobs]
+    seconds = sum(secs for _, secs in written)
+    test_paths = [p for (split, _), (paths, _) in zip(speakers, written, strict=True) if split == "test" for p in paths]
     test_utts = [(p, p, p.split("/")[0]) for p in test_paths]
     trials = make_trials(test_utts, num_trials, np.random.default_rng(streams[-1]))
     (root / "trials.txt").write_text("".join(f"{t.label} {t.id1} {t.id2}\n" for t in trials))
@@ -305,3 +307,8 @@ def generate_corpus(
         "trials": len(trials),
         "target_trials": sum(t.label for t in trials),
     }
+
+
+def _write_speaker_job(job: tuple) -> tuple[list[str], float]:
+    folder, spk, stream, videos, utts, min_s, max_s = job
+    return _write_speaker(folder, spk, np.random.default_rng(stream), videos, utts, min_s, max_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import sys
@@ -34,6 +35,41 @@ except ImportError:
 # s3prl warns "ESPnet is not installed" at import for one upstream nobody here uses; keep output clean.
 logging.getLogger("s3prl.upstream.espnet_hubert.expert").setLevel(logging.ERROR)
 
+# Names that need no download: s3prl computes them from the waveform (spec section 6.1).
+WEIGHT_FREE = {"fbank", "fbank_no_cmvn", "baseline", "mfcc", "mel", "spectrogram", "linear"}
+
+
+class _LazyHub(types.ModuleType):
+    """Stands in for `s3prl.hub` until a name outside WEIGHT_FREE is asked for.
+
+    s3prl.nn imports s3prl.hub, which imports the code of every upstream, transformers included: about 4 s
+    of CPU at every start of train.py or evaluate.py (half of each demo script's start-up, and of every
+    script run in the tests). The weight-free front-ends live in s3prl.upstream.baseline alone, so those
+    names resolve there (the same functions the hub star-imports); any other attribute loads the real hub.
+    """
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            # Introspection (inspect.getmodule asks every module for __file__, in the middle of torch's own
+            # imports) must not load the hub: that import would then run inside a half-initialised torch.
+            raise AttributeError(name)
+        if name in WEIGHT_FREE:
+            from s3prl.upstream.baseline import hubconf
+
+            return getattr(hubconf, name)
+        return getattr(_real_hub(), name)
+
+
+def _real_hub() -> types.ModuleType:
+    """The real s3prl.hub, imported on first use in place of the _LazyHub."""
+    if isinstance(sys.modules.get("s3prl.hub"), _LazyHub):
+        del sys.modules["s3prl.hub"]
+    return importlib.import_module("s3prl.hub")
+
+
+if "s3prl.hub" not in sys.modules:
+    sys.modules["s3prl.hub"] = _LazyHub("s3prl.hub")
+
 __all__ = [
     "UPSTREAM_PRECISIONS",
     "UpstreamError",
@@ -47,15 +83,14 @@ __all__ = [
     "upstream_forward",
 ]
 
-# Names that need no download: s3prl computes them from the waveform (spec section 6.1).
-WEIGHT_FREE = {"fbank", "fbank_no_cmvn", "baseline", "mfcc", "mel", "spectrogram", "linear"}
 # --upstream_precision choices: the autocast dtype of a frozen neural upstream's forward (None = none).
 UPSTREAM_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def s3prl_nn():
-    """s3prl.nn, imported on first use: importing it loads every hub entry and transformers (seconds), which
-    `--help` or a mistyped flag should not wait for. The torchaudio shim above is in place by then."""
+    """s3prl.nn, imported on first use, so that `--help` or a mistyped flag waits for neither s3prl nor its hub
+    (which, once a neural upstream is asked for, loads every hub entry and transformers: seconds). The torchaudio
+    shim above is in place by then."""
     import s3prl.nn
 
     return s3prl.nn
@@ -63,8 +98,7 @@ def s3prl_nn():
 
 def list_upstreams() -> list[str]:
     """Every name s3prl's hub accepts (including the *_local / *_custom ones that need --upstream_ckpt)."""
-    from s3prl import hub
-
+    hub = _real_hub()
     # hub.options() also returns helpers the hub module imports (FileLock, Path): keep entry functions.
     names = s3prl_nn().S3PRLUpstream.available_names(only_registered_ckpt=False)
     return sorted(n for n in names if inspect.isfunction(getattr(hub, n, None)) and not n.startswith("_"))
@@ -72,7 +106,7 @@ def list_upstreams() -> list[str]:
 
 def build_upstream(name: str, ckpt: str | None = None, normalize: bool = False):
     """Build `S3PRLUpstream(name)`, frozen: eval mode, no gradients."""
-    names = set(list_upstreams())
+    names = WEIGHT_FREE if name in WEIGHT_FREE else set(list_upstreams())
     if name not in names:
         close = sorted(n for n in names if name.split("_")[0] in n)[:8]
         hint = f" (similar: {', '.join(close)})" if close else ""

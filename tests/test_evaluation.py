@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.test_pipeline import TINY_CORPUS, TRAIN, run
+from tests.test_pipeline import TRAIN, run
 
 pytestmark = pytest.mark.slow
 
@@ -14,12 +14,10 @@ EVAL = ["--wandb_mode", "disabled", "--num_workers", "0"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny prepared corpus (with a dev list) and a run with checkpoints at steps 0, 2, 4."""
-    tmp = tmp_path_factory.mktemp("evaluation")
-    data = tmp / "data"
-    run(["prepare.py", "--dataset_root", str(tmp / "corpus"), "--out_dir", str(data), *TINY_CORPUS])
-    exp = tmp / "exp"
+def trained(tiny_demo, tmp_path_factory):
+    """The session's tiny prepared corpus (with a dev list) and a run with checkpoints at steps 0, 2, 4."""
+    data = tiny_demo[0]
+    exp = tmp_path_factory.mktemp("evaluation") / "exp"
     run(
         ["train.py", *TRAIN, "--data_dir", str(data), "--exp_dir", str(exp), "--total_steps", "4"]
         + ["--save_step", "2", "--save_initial", "true"]

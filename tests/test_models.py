@@ -15,7 +15,7 @@ def test_xvector_shapes_and_length_reduction():
     assert out.shape == (3, 512)
     assert XVECTOR_LENGTH_REDUCTION == 14
     # The TDNN stack loses exactly 14 frames: 50 in, 36 out.
-    assert model.tdnns.module(model.projector(x)).shape == (3, 36, 1500)
+    assert model.tdnns.module(model.projector(x).transpose(1, 2)).shape == (3, 1500, 36)  # channels first
     with pytest.raises(ValueError, match="too short"):
         model(x[:, :14], torch.tensor([14, 14, 14]))
 
@@ -37,6 +37,38 @@ def test_xvector_matches_s3prl_reference():
         ref.train(training)
         ours.train(training)
         torch.testing.assert_close(ours(x, lens), ref(x, lens), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_tdnn_with_batch_norm_matches_s3prl_outputs_and_gradients():
+    # Our TDNN is a dilated conv1d over s3prl's Linear weights; s3prl unfolds and multiplies: the same sums in
+    # another order. In float64 the two agree to ~1e-14 (rounding of sums of a few thousand terms), so 1e-9 of
+    # each tensor's largest value leaves 5 orders of headroom while a wrong offset or channel order is O(1).
+    # (In float32, BatchNorm's batch-mean subtraction amplifies that reordering to ~1e-3 of some gradients:
+    # rounding, not a difference in the math, hence float64 for the gradients.)
+    from s3prl.nn.speaker_model import SuperbXvector as Reference
+
+    torch.manual_seed(0)
+    ref, ours = Reference(80, batch_norm=True), SuperbXvector(80, batch_norm=True)
+    ours.load_state_dict(ref.state_dict())
+    x, lens = torch.randn(4, 90, 80), torch.tensor([90, 64, 31, 17])
+    torch.testing.assert_close(ours(x, lens), ref(x, lens), rtol=1e-5, atol=1e-5)  # float32 forward
+    ref, ours, x = ref.double(), ours.double(), x.double()
+    out, expected = ours(x, lens), ref(x, lens)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9 * expected.abs().max().item())
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        g = ref_grads[name].grad
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-9 * g.abs().max().item(), msg=name)
+
+
+def test_tdnn_width_is_configurable_and_defaults_to_superb():
+    assert SuperbXvector(240).tdnns.module[0].kernel.weight.shape == (512, 5 * 512)
+    narrow = SuperbXvector(240, hidden_size=128, aggregation_size=750, tdnn_size=256)
+    shapes = [tuple(t.kernel.weight.shape) for t in narrow.tdnns.module]
+    assert shapes == [(256, 5 * 128), (256, 3 * 256), (256, 3 * 256), (256, 256), (750, 256)]
+    assert narrow(torch.randn(2, 40, 240), torch.tensor([40, 20])).shape == (2, 512)
 
 
 def test_embedding_does_not_depend_on_batch_padding():
@@ -111,3 +143,21 @@ def test_registries_reject_unknown_names():
         build_loss(LossConfig(loss="arcface"), 8, 2)
     with pytest.raises(ValueError, match="xvector"):
         build_speaker_model(ModelConfig(downstream="resnet"), LossConfig(), FakeUpstream(), 2)
+
+
+def test_weight_free_upstream_starts_without_the_full_s3prl_hub():
+    # s3prl.hub imports every upstream's code (transformers included, ~4 CPU-s per script start); fbank needs
+    # none of it. In a fresh process, as train.py and evaluate.py start.
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys; import asv.upstream as u; up = u.build_upstream('fbank'); "
+        "assert 'transformers' not in sys.modules and up.upstream.__class__.__module__.startswith('s3prl.upstream'); "
+        "names = u.list_upstreams(); assert {'fbank', 'hubert', 'wavlm_large'} <= set(names), len(names); "
+        "import s3prl.hub; assert s3prl.hub.hubert.__module__ == 's3prl.upstream.hubert.hubconf'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

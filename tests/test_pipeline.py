@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -44,7 +45,29 @@ TRAIN = [
     "0",
     "--wandb_mode",
     "disabled",
+    # These tests check the pipeline's mechanics (checkpoints, resume, sharding, schedules), so a narrow x-vector
+    # keeps each run's compute and checkpoints small (20 MB instead of 250 MB per run). SUPERB's widths are
+    # checked against s3prl in tests/test_models.py and run through train.py in tests/test_faults.py.
+    "--hidden_size",
+    "64",
+    "--tdnn_size",
+    "64",
+    "--aggregation_size",
+    "128",
 ]
+# What a terminal progress bar leaves in a pipe or a log file: carriage returns, ANSI codes, block characters,
+# tqdm's "%|" and "it/s]".
+BAR_FRAGMENTS = ("\r", "\x1b[", "\u2588", "\u258f", "%|", "it/s]")
+
+
+def assert_line_based(out: subprocess.CompletedProcess, *progress_lines: str) -> None:
+    """A script's output to a pipe is whole lines, with no bar fragments, and shows the expected progress lines
+    (regular expressions; the run sets ASV_PROGRESS_EVERY_S=0 so that short jobs print them too)."""
+    text = out.stdout + out.stderr
+    for fragment in BAR_FRAGMENTS:
+        assert fragment not in text, f"{fragment!r} in non-terminal output:\n{text[-2000:]}"
+    for pattern in progress_lines:
+        assert re.search(pattern, text, re.MULTILINE), f"no line matching {pattern!r} in:\n{text[-2000:]}"
 
 
 def run(args, env=None, check=True):
@@ -75,21 +98,8 @@ def launch_2proc(args):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
-    run(
-        [
-            "prepare.py",
-            "--dataset",
-            "demo",
-            "--dataset_root",
-            str(tmp / "corpus"),
-            "--out_dir",
-            str(tmp / "data"),
-            *TINY_CORPUS,
-        ]
-    )
-    return tmp / "data"
+def data_dir(tiny_demo):
+    return tiny_demo[0]
 
 
 def losses(exp_dir):
@@ -114,6 +124,11 @@ def test_prepare_writes_the_documented_artifacts(data_dir):
     train_spk = {line.split(",")[2] for line in (data_dir / "train.csv").read_text().splitlines()[1:]}
     trial_spk = {line.split(",")[0].split("/")[0] for line in trials[1:]}
     assert not train_spk & trial_spk and not train_spk & dev_spk
+
+
+def test_prepare_output_without_a_terminal_is_line_based(tiny_demo):
+    _, out = tiny_demo
+    assert_line_based(out, r"^train files: 24/24 files \(", r"^trial files: \d+/\d+ files \(")
 
 
 def test_prepare_is_idempotent(data_dir):
@@ -157,7 +172,9 @@ def test_prepare_voxceleb1_errors_are_one_line(tmp_path, data_dir):
 def test_train_resume_evaluate(tmp_path, data_dir):
     exp = tmp_path / "exp"
     common = [*TRAIN, "--data_dir", str(data_dir), "--exp_dir", str(exp), "--save_step", "2"]
-    run(["train.py", *common, "--total_steps", "4", "--save_initial", "true"])
+    lines = {"ASV_PROGRESS_EVERY_S": "0"}  # a progress line per item, to check non-terminal output below
+    out = run(["train.py", *common, "--total_steps", "4", "--save_initial", "true"], env=lines)
+    assert_line_based(out, r"^step 4/4 epoch \d+ loss ", r"^embedding: 8/8 utt \(", r"^step 2: dev EER ")
     assert sorted(p.name for p in exp.glob("step-*")) == ["step-0", "step-2", "step-4"]
     ckpt = exp / "step-4"
     for name in ("embedder.safetensors", "model.safetensors", "optimizer.bin", "config.yaml", "train_state.json"):
@@ -168,7 +185,8 @@ def test_train_resume_evaluate(tmp_path, data_dir):
     assert "resumed from" in out.stdout and "at step 4" in out.stdout
     assert [s for s, _ in losses(exp)] == [1, 2, 3, 4, 5, 6]
 
-    run(["evaluate.py", "--exp_dir", str(exp), "--wandb_mode", "disabled", "--num_workers", "0"])
+    out = run(["evaluate.py", "--exp_dir", str(exp), "--wandb_mode", "disabled", "--num_workers", "0"], env=lines)
+    assert_line_based(out, r"^checkpoints: 4/4 ckpt \(", r"^embedding step 6: \d+/\d+ utt \(")
     for step in (0, 2, 4, 6):
         res = json.loads((exp / "evaluate" / "demo_test" / f"step-{step}" / "results.json").read_text())
         assert res["num_trials"] == 40

@@ -11,16 +11,14 @@ import torch
 
 from asv.config import TrainConfig, parse
 from tests.conftest import ROOT
-from tests.test_pipeline import TINY_CORPUS, TRAIN, losses, run
+from tests.test_pipeline import TRAIN, losses, run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("training")
-    run(["prepare.py", "--dataset_root", str(tmp / "corpus"), "--out_dir", str(tmp / "data"), *TINY_CORPUS])
-    return tmp / "data"
+def data_dir(tiny_demo):
+    return tiny_demo[0]
 
 
 def start(args):
