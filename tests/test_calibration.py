@@ -72,6 +72,27 @@ def test_json_round_trip_and_bad_files(tmp_path):
         assert str(bad) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_enrolling_with_several_files_lowers_eer():
+    # Embeddings = unit speaker direction + independent noise per file (std 1/4 per dimension in 64: norm 2). The
+    # mean of 3 files has a third of the noise variance: EER about 11 % against 21 % for one file here, a gap of
+    # ten points where 1,200 target trials give standard errors near one point.
+    from asv.metrics import compute_eer
+
+    rng = np.random.default_rng(3)
+    spk = l2_normalise(rng.standard_normal((400, 64)))
+
+    def files(n):
+        return spk[:, None, :] + rng.standard_normal((400, n, 64)) / 4.0
+
+    enroll, test = files(3), files(3)
+    labels = (np.arange(400)[:, None] == np.repeat(np.arange(400), 3)[None, :]).ravel().astype(int)
+    eers = {}
+    for name, models in (("multi", np.stack([enrollment_model(e) for e in enroll])), ("single", enroll[:, 0])):
+        scores = l2_normalise(models) @ l2_normalise(test.reshape(-1, 64)).T  # (400 models, 1200 tests)
+        eers[name] = compute_eer(scores.ravel(), labels)[0]
+    assert eers["multi"] < eers["single"], eers
+
+
 def test_enrollment_model_is_the_renormalised_mean_of_unit_vectors():
     emb = np.array([[3.0, 0.0], [0.0, 0.5]])  # different norms must not weigh differently
     np.testing.assert_allclose(enrollment_model(emb), [np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-12)
