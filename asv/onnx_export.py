@@ -23,7 +23,9 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import logging
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -184,8 +186,44 @@ def export_onnx(model_dir: str | Path, device: str = "cpu", opset: int | None = 
 def export_embedder(embedder, path: Path, opset: int | None = None) -> dict:
     """Trace a ModelEmbedder (upstream + SpeakerModel) into an ONNX file; returns its input/output contract."""
     _require_onnx()
+    # The exporter logs a warning per torchvision operator it cannot register (none is used here) and torch's
+    # pytree a deprecation warning while tracing: noise on every export.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program, example, (lo, hi) = _trace(embedder)
+        onnx_program = torch.onnx.export(
+            program,
+            (example,),
+            dynamo=True,
+            input_names=["wav"],
+            output_names=["speaker_embedding"],
+            opset_version=opset,
+            verbose=False,
+        )
+    # The exporter annotates intermediate tensors with symbolic shapes, and onnxruntime plans buffer reuse from
+    # them; some of those annotations equate lengths that differ at run time (a shape-mismatch failure on the
+    # SSL graphs), so only the input and output keep theirs and onnxruntime infers the rest.
     import onnx
 
+    proto = onnx_program.model_proto
+    del proto.graph.value_info[:]
+    onnx.save(proto, str(path))
+    return {
+        "file": Path(path).name,
+        "input": "wav: float32 (1, T), 16 kHz mono in [-1, 1], one utterance",
+        "output": f"speaker_embedding: float32 (1, {embedder.embed_dim})",
+        # torch.export may raise the minimum it was given (shape guards of the traced ops): shorter audio is
+        # wrap-padded to this length instead of the PyTorch embedder's min_samples.
+        "min_samples": lo,
+        "max_samples": hi,
+        "opset": proto.opset_import[0].version,
+    }
+
+
+def _trace(embedder):
+    """torch.export of OnnxGraph with the time axis dynamic: the program, its example input and the range of
+    input lengths it kept."""
     # Tracing leaves the upstream's hooks unusable, so trace a copy and keep the caller's model intact.
     upstream = _copy_upstream(embedder.upstream)
     graph = OnnxGraph(upstream, embedder.model).eval()
@@ -200,31 +238,7 @@ def export_embedder(embedder, path: Path, opset: int | None = None) -> dict:
     lo, hi = _time_range(program)
     if lo is None or hi <= lo:
         raise UpstreamError("torch.export fixed the input length of this model to one value: not exportable")
-    onnx_program = torch.onnx.export(
-        program,
-        (example,),
-        dynamo=True,
-        input_names=["wav"],
-        output_names=["speaker_embedding"],
-        opset_version=opset,
-        verbose=False,
-    )
-    # The exporter annotates intermediate tensors with symbolic shapes, and onnxruntime plans buffer reuse from
-    # them; some of those annotations equate lengths that differ at run time (a shape-mismatch failure on the
-    # SSL graphs), so only the input and output keep theirs and onnxruntime infers the rest.
-    proto = onnx_program.model_proto
-    del proto.graph.value_info[:]
-    onnx.save(proto, str(path))
-    return {
-        "file": Path(path).name,
-        "input": "wav: float32 (1, T), 16 kHz mono in [-1, 1], one utterance",
-        "output": f"speaker_embedding: float32 (1, {embedder.embed_dim})",
-        # torch.export may raise the minimum it was given (shape guards of the traced ops): shorter audio is
-        # wrap-padded to this length instead of the PyTorch embedder's min_samples.
-        "min_samples": int(lo),
-        "max_samples": int(hi),
-        "opset": onnx_program.model_proto.opset_import[0].version,
-    }
+    return program, example, (lo, hi)
 
 
 def _copy_upstream(upstream):
