@@ -5,14 +5,18 @@
     python evaluate.py --exp_dir exp/<run> --test_ckpt_steps 100000 200000 --trial_names veri_test2
     python evaluate.py --ckpt_dir D --trials my_list.txt --wav_root /data/wavs   # any VoxCeleb-format list
     python evaluate.py --ckpt_dir D --pair a.wav b.wav              # one trial: score and decision
+    python evaluate.py --ckpt_dir D --export_model models/mine      # + a shareable model directory (asv.load_model)
     accelerate launch evaluate.py --exp_dir exp/<run>               # shard the embedding over processes
 
 The model is rebuilt from the checkpoint's own config.yaml. Every trial of every list is scored as listed.
 Writes under --out_dir (default <exp_dir>/evaluate; asv/rundir.py EvalLayout):
   step-<N>/embeddings.npz            embedding cache (asv/extract.py): other lists / normalisations reuse it
+  step-<N>/calibration.json          cosine -> LLR map fitted on --calibration_list (default: dev) at this step
   step-<N>/layer_weights.png         featurizer weight per upstream hidden state (multi-layer upstreams)
-  <list>/step-<N>/results.json       EER (percent) + threshold, minDCF@0.01/@0.05 + thresholds, trial counts,
-                                     the training set's protocol (+ "as_norm")
+  <list>/step-<N>/results.json       EER (percent) + threshold, minDCF@0.01/@0.05 + thresholds, min Cllr, trial
+                                     counts, the training set's protocol (+ "as_norm"); Cllr and actDCF@0.01/
+                                     @0.05 of the calibrated scores on every list but the calibration list, and
+                                     "calibration": where it was fitted, or why those metrics are absent
   <list>/step-<N>/scores.txt         one line per trial: score label [score_asnorm]
   <list>/step-<N>/scores_hist.png    target / non-target score histogram
   <list>/det.png                     DET curves of the evaluated checkpoints
@@ -29,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from accelerate import Accelerator
 
+from asv.calibration import Calibration, fit_calibration
 from asv.config import EvalConfig, load_train_config, parse
 from asv.errors import AsvError, CheckpointError, ConfigError, ManifestError, describe
 from asv.extract import Embedder, audio_lengths, embed_cached, export_embeddings
@@ -42,7 +47,7 @@ from asv.manifest import (
     trial_sets,
     unique_utterances,
 )
-from asv.metrics import metrics
+from asv.metrics import P_TARGETS, calibrated_metrics, metrics
 from asv.progress import progress
 from asv.rundir import EvalLayout, list_checkpoints, read_train_state, usable, verify_checkpoint
 from asv.scoring import as_norm, cohort_stats, speaker_means, trial_scores
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         exp_dir, ckpts = checkpoints_to_evaluate(cfg)
         data_dir = Path(cfg.data_dir or load_train_config(ckpts[0][1] / "config.yaml").data.data_dir)
         trials = load_trial_lists(cfg, data_dir)
+        calibration_list, no_calibration = choose_calibration_list(cfg, trials)
         utts = unique_utterances([t for ts in trials.values() for t in ts])
         cohort, cohort_spk = cohort_items(data_dir, cfg.asnorm_utts_per_speaker) if cfg.asnorm else ([], [])
         layout, training_set = EvalLayout.of_run(exp_dir, cfg.out_dir), describe_training_set(data_dir)
@@ -103,9 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
                     w.cpu().numpy(), layout.layer_weights(step), title
                 )
             norm = asnorm_stats(vectors, utts, cohort, cohort_spk, cfg.asnorm_top_n) if cfg.asnorm else None
+            cal = calibrate(trials, vectors, calibration_list, no_calibration, step, ckpt, layout)
             for n, ts in trials.items():
                 info = {"step": step, "ckpt_dir": str(ckpt), "trials": n, "test_effects": effects}
-                res, scores = score_list(ts, vectors, norm, {**info, "training_set": training_set}, layout, cfg.plots)
+                info["training_set"] = training_set
+                res, scores = score_list(ts, vectors, norm, info, layout, cfg.plots, cal)
                 results[n][step], scored[n][step] = res, scores
                 images.update(res.pop("_images"))
                 logged = {f"eval/{n}/{k}": res[k] for k in ("eer", "min_dcf@0.01", "min_dcf@0.05")}
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
             if cfg.plots:
                 plot_dets(results, scored, layout, exp_dir.name, accelerator)
             print_table(results, training_set)
+            if cfg.export_model:
+                export(cfg, ckpts, results, layout, data_dir, upstream_cache)
         accelerator.end_training()
         return results
     except AsvError as err:  # the library explains in one line; the script exits with it
@@ -185,14 +195,72 @@ def load_trial_lists(cfg: EvalConfig, data_dir: Path) -> dict[str, list[Trial]]:
         raise ConfigError(f"no trial list {unknown[0]} in {data_dir}/trials (have: {', '.join(lists)})")
     out = {n: read_trials_csv(lists[n]) for n in names}
     corpus_root = prepared(data_dir).get("config", {}).get("dataset_root")
-    for f in map(Path, cfg.trials or []):
+
+    def add_file(f: Path, flag: str) -> None:
         if not f.is_file():
-            raise ConfigError(f"--trials {f} does not exist")
+            raise ConfigError(f"{flag} {f} does not exist")
         if f.stem in out:
-            raise ConfigError(f"--trials {f}: a trial list named {f.stem} is already being scored; rename the file")
+            raise ConfigError(f"{flag} {f}: a trial list named {f.stem} is already being scored; rename the file")
         roots = [Path(cfg.wav_root)] if cfg.wav_root else [f.parent] + ([Path(corpus_root)] if corpus_root else [])
         out[f.stem] = read_text_trials(f, roots)
+
+    for f in map(Path, cfg.trials or []):
+        add_file(f, "--trials")
+    cal = cfg.calibration_list
+    if cal and cal != "none" and cal not in out and Path(cal).stem not in out:
+        if cal in lists:  # a prepared list that was not asked for: scored too, since calibration needs its scores
+            out[cal] = read_trials_csv(lists[cal])
+        elif Path(cal).suffix or "/" in cal:
+            add_file(Path(cal), "--calibration_list")
+        else:
+            raise ConfigError(f"--calibration_list {cal}: no such list in {data_dir}/trials (have: {', '.join(lists)})")
     return out
+
+
+def choose_calibration_list(cfg: EvalConfig, trials: dict) -> tuple[str | None, str]:
+    """(name of the list calibration is fitted on, or None and why not)."""
+    if cfg.calibration_list == "none":
+        return None, "calibration switched off (--calibration_list none)"
+    if cfg.calibration_list:
+        return (cfg.calibration_list if cfg.calibration_list in trials else Path(cfg.calibration_list).stem), ""
+    if DEV_LIST in trials:
+        return DEV_LIST, ""
+    return None, (
+        f"no calibration list: the held-out '{DEV_LIST}' list is not scored (prepare.py --dev_speakers N builds one) "
+        "and no --calibration_list NAME|FILE was given"
+    )
+
+
+def calibrate(trials, vectors, name: str | None, why_not: str, step: int, ckpt: Path, layout: EvalLayout) -> dict:
+    """This checkpoint's cosine -> LLR calibration, fitted on list `name` and saved as calibration.json:
+    {"cal": Calibration or None, "why": why there is none, "pairs": the calibration list's pairs}."""
+    if name is None:
+        return {"cal": None, "why": why_not, "pairs": set()}
+    ts = trials[name]
+    try:
+        provenance = {"trials": name, "step": step, "ckpt_dir": str(ckpt)}
+        cal = fit_calibration(trial_scores(vectors, ts), [t.label for t in ts], provenance)
+    except ConfigError as err:  # e.g. an untrained step-0 model: no calibration at this step, the others go on
+        return {"cal": None, "why": f"not calibrated at step {step}: {err}", "pairs": set()}
+    cal.save(layout.calibration(step))
+    return {"cal": cal, "why": "", "pairs": {frozenset((t.wav_path1, t.wav_path2)) for t in ts}}
+
+
+def calibrated_results(trials: list[Trial], name: str, scores, labels, cal: dict) -> dict:
+    """Cllr and actDCF of the calibrated scores when `name` shares no trial with the calibration list, and the
+    "calibration" entry saying where it was fitted, or why those metrics are absent."""
+    c: Calibration | None = cal["cal"]
+    if c is None:
+        return {"calibration": {"absent": f"{cal['why']}; cllr and act_dcf need scores calibrated on another list"}}
+    where = {"fitted_on": c.fitted_on, "slope": c.slope, "offset": c.offset}
+    shared = sum(frozenset((t.wav_path1, t.wav_path2)) in cal["pairs"] for t in trials)
+    if shared:
+        why = "this is the calibration list" if name == c.list_name else f"{shared} of its trials are in it"
+        return {"calibration": {**where, "note": f"{why}: Cllr and actDCF would not be held-out, so they are absent"}}
+    out = calibrated_metrics(c.llr(scores), labels)
+    for p in P_TARGETS:  # the Bayes decision threshold on the raw cosine scale
+        out[f"act_dcf@{p}_threshold"] = c.score_at(out[f"act_dcf@{p}_llr_threshold"])
+    return {**out, "calibration": where}
 
 
 def prepared(data_dir: Path) -> dict:
@@ -233,11 +301,12 @@ def asnorm_stats(vectors, utts, cohort, cohort_spk, top_n: int) -> dict:
     return {"top_n": top_n, "cohort_speakers": len(models), "stats": stats}
 
 
-def score_list(trials: list[Trial], vectors, norm: dict | None, info: dict, layout: EvalLayout, plots: bool):
+def score_list(trials: list[Trial], vectors, norm: dict | None, info: dict, layout: EvalLayout, plots: bool, cal):
     """Score one list at one checkpoint; write results.json, scores.txt (and the histogram). Returns the result
     (with "_images" for W&B) and the (scores, labels) pair the DET plot needs."""
     scores, labels = trial_scores(vectors, trials), np.array([t.label for t in trials])
     res = {**info, "num_trials": len(labels), "num_target": int(labels.sum()), **metrics(scores, labels)}
+    res.update(calibrated_results(trials, info["trials"], scores, labels, cal))
     res["repeated_pairs"] = repeated_pairs(trials)  # scored as listed, like s3prl
     columns, fmt, header = [scores, labels], ["%.6f", "%d"], "score label"
     if norm:
@@ -311,7 +380,10 @@ def print_table(results: dict[str, dict[int, dict]], training_set: str) -> None:
     asnorm = any("as_norm" in r for by_step in results.values() for r in by_step.values())
     extra = f" {'AS-norm EER %':>14}" if asnorm else ""
     print(f"\ntraining set: {training_set}")
-    print(f"{'trials':<20} {'#trials':>8} {'step':>8} {'EER %':>8} {'minDCF@0.01':>12} {'minDCF@0.05':>12}{extra}")
+    print(
+        f"{'trials':<20} {'#trials':>8} {'step':>8} {'EER %':>8} {'minDCF@0.01':>12} {'minDCF@0.05':>12} "
+        f"{'minCllr':>8} {'Cllr':>8} {'actDCF@0.01':>12} {'actDCF@0.05':>12}{extra}"
+    )
     for n, by_step in results.items():
         best = best_step(by_step)
         for step, r in sorted(by_step.items()):
@@ -321,10 +393,63 @@ def print_table(results: dict[str, dict[int, dict]], training_set: str) -> None:
             if step == best and len(by_step) > 1 and n != DEV_LIST:
                 marks.append("<- best on test (SUPERB protocol)")
             col = f" {r['as_norm']['eer']:>14.2f}" if "as_norm" in r else ""
+            cal = " ".join(_cell(r.get(k), w) for k, w in (("cllr", 8), ("act_dcf@0.01", 12), ("act_dcf@0.05", 12)))
             print(
                 f"{n:<20} {r['num_trials']:>8} {step:>8} {r['eer']:>8.2f} {r['min_dcf@0.01']:>12.4f} "
-                f"{r['min_dcf@0.05']:>12.4f}{col}" + ("  " + " ".join(marks) if marks else "")
+                f"{r['min_dcf@0.05']:>12.4f} {r['min_cllr']:>8.4f} {cal}{col}"
+                + ("  " + " ".join(marks) if marks else "")
             )
+    entries = [r["calibration"] for by_step in results.values() for r in by_step.values()]
+    notes = {e.get("absent") or e.get("note", "") for e in entries}
+    fitted = {e["fitted_on"]["trials"] for e in entries if "slope" in e}
+    if fitted:
+        print(f"Cllr, actDCF: cosine calibrated to LLRs on {', '.join(sorted(fitted))} at each step (calibration.json)")
+    for note in sorted(filter(None, notes)):
+        print(f"  '-': {note}")
+
+
+def _cell(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"
+
+
+def export(cfg: EvalConfig, ckpts, results: dict[str, dict[int, dict]], layout: EvalLayout, data_dir: Path, cache):
+    """--export_model: the model directory of --ckpt_dir's checkpoint, or of the one selected on the dev list."""
+    from asv.modeldir import export_model
+
+    if cfg.ckpt_dir:
+        step, ckpt = ckpts[0]
+        selection = "chosen by the user (evaluate.py --ckpt_dir)"
+        earlier = [json.loads(p.read_text()) for p in layout.root.glob("*/selected_result.json")]
+        if any(r.get("step") == step for r in earlier):
+            selection += f"; it is also the checkpoint with the lowest EER on the held-out '{DEV_LIST}' list"
+    else:
+        step = selected_step(results)
+        if step is None:
+            raise ConfigError(
+                f"--export_model with --exp_dir exports the checkpoint selected on the held-out '{DEV_LIST}' list, "
+                "and none was scored; pass --ckpt_dir exp/<run>/step-<N> to choose one"
+            )
+        ckpt = dict(ckpts)[step]
+        selection = f"{DEV_SELECTION}, among steps {', '.join(map(str, sorted(results[DEV_LIST])))}"
+    at_step = {n: by_step[step] for n, by_step in results.items()}
+    fitted = next((r["calibration"] for r in at_step.values() if "slope" in r["calibration"]), None)
+    cal = Calibration.load(layout.calibration(step)) if fitted else None
+    ref = cal.list_name if cal else (DEV_LIST if DEV_LIST in at_step else None)
+    threshold = None
+    if ref:
+        r = at_step[ref]
+        threshold = {"value": r["eer_threshold"], "source": f"EER threshold on '{ref}' ({r['num_trials']} trials)"}
+    summary = {k: v for k, v in (prepared(data_dir).get("summary") or {}).items() if k in SUMMARY_KEYS}
+    training = {"description": describe_training_set(data_dir), "summary": summary}
+    out = export_model(ckpt, Path(cfg.export_model), at_step, selection, training, cal, threshold, cache)
+    if cfg.export_onnx:
+        from asv.onnx_export import export_onnx
+
+        export_onnx(out)
+    print(f"model directory: {out} (step {step}; load it with asv.load_model('{out}') or python -m asv ... --model)")
+
+
+SUMMARY_KEYS = ("dataset", "utterances", "speakers", "hours")
 
 
 def score_pair(cfg: EvalConfig) -> dict:
@@ -341,6 +466,9 @@ def score_pair(cfg: EvalConfig) -> dict:
             f"score {result['score']:.4f}, threshold {result['threshold']:.4f} "
             f"({result['threshold_source']}): {decision}"
         )
+    if result["llr"] is not None:
+        llr, p_same = result["llr"], result["p_same"]
+        print(f"llr {llr:.4f}, P(same) {p_same:.4f} at prior {result['prior']} ({result['calibration']})")
     return result
 
 

@@ -321,6 +321,15 @@ class EvalConfig(_Checked):
     cache: bool = True
     # Also write the scored utterances' embeddings to DIR/step-<N>.npz (ids, paths, embeddings).
     export_embeddings: str | None = None
+    # Trial list whose scores fit each checkpoint's cosine -> LLR calibration (a prepared list name or a
+    # VoxCeleb-format file, scored too). Default: the held-out dev list when it is scored; 'none': off. Cllr and
+    # actDCF are reported on every other list, never on this one (they would not be held-out there).
+    calibration_list: str | None = None
+    # Write a self-contained model directory here (weights, config, calibration, model card; asv/modeldir.py)
+    # of --ckpt_dir's checkpoint, or with --exp_dir of the checkpoint selected on the dev list.
+    export_model: str | None = None
+    # With --export_model: also write embedder.onnx (needs the onnx, onnxscript and onnxruntime packages).
+    export_onnx: bool = False
     # Write DET curves, score histograms and layer-weight plots (PNG, and to W&B).
     plots: bool = True
     # Where results go (default: <exp_dir>/evaluate).

@@ -29,6 +29,10 @@ class AugmentError(AsvError, ValueError):
     """An augmentation setting that cannot work; the message names the flag and the fix."""
 
 
+class HubError(AsvError, RuntimeError):
+    """The Hugging Face Hub cannot be reached or refuses a request; the message says what to do offline."""
+
+
 class BadAudioError(AsvError, ValueError):
     """A file that cannot give usable audio; `reason` is a short class (prepare.py counts by it)."""
 

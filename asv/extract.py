@@ -68,9 +68,11 @@ class ModelEmbedder:
 class Embedder(ModelEmbedder):
     """Upstream + trained featurizer/downstream of one checkpoint, in eval mode."""
 
-    def __init__(self, ckpt: Path, device="cpu", upstream_cache: dict | None = None):
+    def __init__(self, ckpt: Path, device="cpu", upstream_cache: dict | None = None, cfg=None):
         self.ckpt = Path(ckpt)
-        self.cfg = load_train_config(self.ckpt / "config.yaml")
+        # `cfg` overrides the directory's config.yaml: a model directory (asv/modeldir.py) resolves the upstream
+        # checkpoint's path on this machine.
+        self.cfg = cfg or load_train_config(self.ckpt / "config.yaml")
         upstream_cache = {} if upstream_cache is None else upstream_cache
         m = self.cfg.model
         key = (m.upstream, m.upstream_ckpt, m.upstream_normalize)

@@ -3,6 +3,12 @@
 Conventions (NIST SRE evaluation plans): a trial is a target trial when label == 1; a higher score
 means "more likely the same speaker". The miss rate (FNR) at threshold t is the fraction of target
 scores below t, the false-alarm rate (FPR) the fraction of non-target scores at or above t.
+
+EER and minDCF judge only how scores rank. Cllr and actDCF judge scores as log-likelihood ratios (natural
+log, LLR = log p(score | same) / p(score | different)), i.e. whether decisions taken from them at a stated
+prior are right (Brümmer & du Preez, "Application-independent evaluation of speaker detection", CSL 2006;
+the BOSARIS toolkit's definitions). min Cllr is the Cllr of the best monotone map of the raw scores to
+LLRs (pool-adjacent-violators), so Cllr - min Cllr is what calibration loses.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.interpolate import interp1d
 from scipy.optimize import brentq
+from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import roc_curve
 
 
@@ -69,15 +76,70 @@ def compute_min_dcf(
     return float(c_det[i] / c_def), float(thr[i])
 
 
+def cllr(llrs, labels) -> float:
+    """Log-likelihood-ratio cost in bits: the mean of log2(1 + e^-llr) over targets and of log2(1 + e^llr)
+    over non-targets, the two classes weighted equally. 0 is perfect, 1 is a system that always says
+    llr = 0; a badly calibrated system can cost more than 1."""
+    llrs, labels = _check(llrs, labels)
+    return _cllr(llrs[labels == 1], llrs[labels == 0])
+
+
+def _cllr(tar: np.ndarray, non: np.ndarray) -> float:
+    # logaddexp(0, x) = log(1 + e^x) without overflow, and exact at +-inf (PAV gives infinite LLRs).
+    return float((np.logaddexp(0.0, -tar).mean() + np.logaddexp(0.0, non).mean()) / (2.0 * np.log(2.0)))
+
+
+def min_cllr(scores, labels) -> float:
+    """Cllr after the optimal monotone score -> LLR map, found by PAV (isotonic regression of the labels
+    on the scores; tied scores share one value, since no function of the score can tell them apart).
+
+    The PAV posteriors are at the list's own prior n_tar / n; subtracting its log-odds gives LLRs. PAV's
+    blocks are the segments of the ROC convex hull, which reweighting the classes does not change, so
+    the same blocks are optimal for Cllr's equal class weights."""
+    scores, labels = _check(scores, labels)
+    post = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True).fit_transform(scores, labels.astype(float))
+    with np.errstate(divide="ignore"):  # blocks of one class only: posterior 0 or 1, LLR -inf or +inf
+        log_odds = np.log(post) - np.log1p(-post)
+    n_tar = labels.sum()
+    llrs = log_odds - np.log(n_tar / (len(labels) - n_tar))
+    return _cllr(llrs[labels == 1], llrs[labels == 0])
+
+
+def bayes_threshold(p_target: float, c_miss: float = 1.0, c_fa: float = 1.0) -> float:
+    """The LLR above which accepting costs less than rejecting: log(C_fa (1 - P_target) / (C_miss P_target))."""
+    return float(np.log(c_fa * (1.0 - p_target) / (c_miss * p_target)))
+
+
+def act_dcf(llrs, labels, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0) -> float:
+    """Normalised actual detection cost: the cost of the decisions llr >= bayes_threshold(P_target), divided
+    by the best trivial system's cost (as compute_min_dcf). It is never below minDCF of the same scores,
+    and it equals it when the LLRs are well calibrated."""
+    llrs, labels = _check(llrs, labels)
+    accept = llrs >= bayes_threshold(p_target, c_miss, c_fa)
+    p_miss, p_fa = np.mean(~accept[labels == 1]), np.mean(accept[labels == 0])
+    c_det = c_miss * p_miss * p_target + c_fa * p_fa * (1.0 - p_target)
+    return float(c_det / min(c_miss * p_target, c_fa * (1.0 - p_target)))
+
+
 # Operating points reported everywhere (keys carry them: the reference codebases disagree on the default).
 P_TARGETS = (0.01, 0.05)
 
 
 def metrics(scores, labels) -> dict:
-    """results.json's metric block: EER in percent with its threshold, minDCF at each P_TARGETS with its threshold."""
+    """results.json's metric block: EER in percent with its threshold, minDCF at each P_TARGETS with its
+    threshold, and min Cllr (which needs no calibration)."""
     eer, eer_thr = compute_eer(scores, labels)
     out = {"eer": 100.0 * eer, "eer_threshold": eer_thr}
     for p in P_TARGETS:
         dcf, thr = compute_min_dcf(scores, labels, p_target=p)
         out[f"min_dcf@{p}"], out[f"min_dcf@{p}_threshold"] = dcf, thr
+    out["min_cllr"] = min_cllr(scores, labels)
+    return out
+
+
+def calibrated_metrics(llrs, labels) -> dict:
+    """The metrics that read scores as LLRs: Cllr and actDCF at each P_TARGETS (with its LLR threshold)."""
+    out = {"cllr": cllr(llrs, labels)}
+    for p in P_TARGETS:
+        out[f"act_dcf@{p}"], out[f"act_dcf@{p}_llr_threshold"] = act_dcf(llrs, labels, p), bayes_threshold(p)
     return out

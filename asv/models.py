@@ -100,7 +100,8 @@ class SuperbXvector(nn.Module):
         self.affine.linear2 = nn.Linear(output_size, output_size)
 
     def forward(self, x: torch.Tensor, x_len: torch.Tensor) -> torch.Tensor:
-        if (x_len <= XVECTOR_LENGTH_REDUCTION).any():
+        # A data-dependent check cannot be traced; ONNX export guards the input length instead (asv/onnx_export.py).
+        if not torch.compiler.is_exporting() and (x_len <= XVECTOR_LENGTH_REDUCTION).any():
             raise ValueError(
                 f"utterance too short for the x-vector: it needs at least {XVECTOR_LENGTH_REDUCTION + 1} "
                 "upstream frames (0.15 s at 10 ms frames, 0.3 s at 20 ms)"

@@ -72,6 +72,9 @@ class EvalLayout:
     def embeddings(self, step: int) -> Path:  # the per-checkpoint embedding cache (asv/extract.py)
         return self.root / f"step-{step}" / "embeddings.npz"
 
+    def calibration(self, step: int) -> Path:  # the score -> LLR map fitted at this checkpoint (asv/calibration.py)
+        return self.root / f"step-{step}" / "calibration.json"
+
     def layer_weights(self, step: int) -> Path:
         return self.root / f"step-{step}" / "layer_weights.png"
 

@@ -22,6 +22,14 @@ def cosine_scores(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
     return (l2_normalise(emb1) * l2_normalise(emb2)).sum(-1)
 
 
+def enrollment_model(emb: np.ndarray) -> np.ndarray:
+    """One unit vector for a speaker enrolled with several files: the mean of their unit-length embeddings,
+    renormalised, so every file counts equally whatever its embedding's norm and the model is unit length like
+    any single embedding (not NeMo's stored version, which divides by the wrong count and skips the
+    renormalisation). (N, E) -> (E,)."""
+    return l2_normalise(l2_normalise(np.atleast_2d(emb)).mean(0))
+
+
 def trial_scores(vectors: dict[str, np.ndarray], trials) -> np.ndarray:
     """Cosine score of every trial, from embeddings keyed by wav path (the embedding cache's key)."""
     return cosine_scores(

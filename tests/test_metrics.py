@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from asv.metrics import compute_eer, compute_min_dcf
+from asv.metrics import act_dcf, bayes_threshold, cllr, compute_eer, compute_min_dcf, min_cllr
 
 
 def brute_force_rates(scores, labels):
@@ -84,3 +84,55 @@ def test_bad_inputs_are_rejected():
         compute_eer([0.1, float("nan")], [1, 0])
     with pytest.raises(ValueError, match="labels"):
         compute_min_dcf([0.1, 0.2], [1, 2])
+
+
+# Cllr, min Cllr and actDCF (asv/metrics.py): hand-computed cases and the identities that bound them.
+
+
+def test_cllr_hand_computed():
+    # Target LLRs {0, ln 3}: log2(1 + 1) = 1 and log2(1 + 1/3) = log2(4/3); non-targets {0, -ln 3} mirror them.
+    value = cllr([0.0, np.log(3.0), 0.0, -np.log(3.0)], [1, 1, 0, 0])
+    assert value == pytest.approx(0.5 * (1.0 + np.log2(4.0 / 3.0)), rel=1e-12)
+    # A system that always says "no idea" costs exactly 1 bit; confident and right costs almost nothing.
+    assert cllr([0.0] * 4, [1, 0, 1, 0]) == pytest.approx(1.0, rel=1e-12)
+    assert cllr([50.0, -50.0], [1, 0]) < 1e-20
+
+
+def test_min_cllr_hand_computed():
+    # Sorted labels 0 1 0 1: PAV pools the middle pair to 1/2, ends stay 0 and 1 (LLR -inf / +inf, cost 0);
+    # at the list's prior 1/2 the pooled LLR is 0, one bit for one of two trials of each class.
+    assert min_cllr([1, 2, 3, 4], [0, 1, 0, 1]) == pytest.approx(0.5, rel=1e-12)
+    # Labels 0 0 1 0 1 (prior 2/5): the pooled pair has posterior 1/2, LLR = logit(1/2) - log(2/3) = ln 1.5.
+    expected = 0.5 * (np.log2(1 + 1 / 1.5) / 2 + np.log2(1 + 1.5) / 3)
+    assert min_cllr([1, 2, 3, 4, 5], [0, 0, 1, 0, 1]) == pytest.approx(expected, rel=1e-12)
+    # Tied scores cannot be told apart: pooled, so a list of one repeated score is "no idea", 1 bit.
+    assert min_cllr([1, 1, 1, 1], [0, 1, 0, 1]) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_min_cllr_bounds_every_monotone_calibration():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 2000)
+    scores = rng.normal(labels * 1.5, 1.0)
+    best = min_cllr(scores, labels)
+    # PAV is the optimum over monotone maps; affine maps with a positive slope and a constant are such maps.
+    # (Both sides are sums of ~2000 log terms: 1e-12 covers their rounding.)
+    for slope, offset in [(1.0, 0.0), (3.0, -2.0), (0.3, 0.5), (2.5, -1.87), (0.0, 0.0)]:
+        assert best <= cllr(slope * scores + offset, labels) + 1e-12
+    assert best <= 1.0 + 1e-12
+    # And it only depends on the ranking.
+    assert min_cllr(np.exp(scores), labels) == pytest.approx(best, rel=1e-12)
+
+
+def test_act_dcf_hand_computed_and_never_below_min_dcf():
+    # P_target 0.01: Bayes threshold ln 99 = 4.595. Targets {5, 3}: one miss (1/2); non-targets {-1, 4.6, 6}:
+    # two accepted (2/3). Cost 0.01 * 1/2 + 0.99 * 2/3 = 0.665, normalised by min(0.01, 0.99) = 66.5.
+    assert bayes_threshold(0.01) == pytest.approx(np.log(99.0), rel=1e-12)
+    assert act_dcf([5, 3, -1, 4.6, 6], [1, 1, 0, 0, 0], 0.01) == pytest.approx(66.5, rel=1e-12)
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 3000)
+    llrs = rng.normal(np.where(labels == 1, 2.0, -2.0), 2.0)  # N(+-mu, 2mu): calibrated LLRs
+    for p in (0.01, 0.05, 0.5):
+        assert act_dcf(llrs, labels, p) >= compute_min_dcf(llrs, labels, p)[0] - 1e-12
+        # Miscalibrating (shifting) them costs more than the calibrated decisions, up to sampling noise; a
+        # large shift (4 nats) is far beyond it.
+        assert act_dcf(llrs + 4.0, labels, p) > act_dcf(llrs, labels, p)

@@ -21,7 +21,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 .venv/bin/python -m pip install -q -r requirements.txt
 # The asv package itself, editable, with the test tools (pyproject.toml: the "dev" extra).
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,onnx]"
 # PyPI's torchaudio 2.11 ships its C++ extension built against CUDA torch; next to a CPU torch its
 # import fails on libc10_cuda.so. torchaudio treats the extension as optional, and nothing this
 # project uses needs it (kaldi fbank/mfcc, resample, the wav2vec2 builders are pure Python), so drop
