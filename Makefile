@@ -17,8 +17,9 @@ bench-setup: setup
 	@bash bench/setup.sh
 
 # The full suite, slow end-to-end tests and the s3prl parity tests included (CI runs exactly this).
+# One process per core, at most 4 (each test file on one process, so its fixtures are built once).
 test: setup bench-setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 # Unit tests only.
 test-fast: setup

@@ -31,7 +31,7 @@ def test_gpu_check_dry_run(tmp_path):
         assert section in text
     report = json.loads(js.read_text())
     assert report["environment"]["gpu"].startswith("none")
-    assert [r["upstream"] for r in report["results"]] == ["hubert_local", "wavlm_local"]
+    assert [r["upstream"] for r in report["results"]] == ["hubert_local"]
     for r in report["results"]:
         for side in ("s3prl", "ours", "ours_bf16"):
             x = r["train"][side]

@@ -215,15 +215,17 @@ def test_training_loss_sequence_matches_s3prl(parity, name):
     """The same loss, batch after batch, over N updates.
 
     Tolerance: both sides compute the loss of identical weights on identical inputs in fp32, with reductions
-    in another order (our unfold + masked pooling vs s3prl's F.unfold and per-utterance loops), so the first
-    loss differs in its last bits (one ulp of a loss near 14 is 2^-20, 7e-8 relative). The weights then drift
-    apart by float order alone: Adam normalises each gradient, so wherever a gradient is at rounding level,
-    rounding picks the sign of a full lr step. The size of that drift on batches like these: multiplying only
-    our gradients by (1 + 2^-24 N(0, 1)) before each step moved the losses by at most 1.1e-6 relative over 5
-    updates (6 noise seeds, two corpus draws). rtol 1e-5 allows ten times that, while a step that differs in
-    substance lands far outside (measured on these cases): lr 10 % off 3e-3, the other accumulation 3e-2,
-    clipping at 1 instead of 1000 1e-2. Weight decay 0 instead of 0.01 moves them by 4e-7 to 6e-6 in 5
-    updates, within float-order drift: this check cannot see it.
+    in another order (our dilated conv1d TDNN + masked pooling vs s3prl's F.unfold + Linear and per-utterance
+    loops), so the first loss differs in its last bits (one ulp of a loss near 14 is 2^-20, 7e-8 relative).
+    The weights then drift apart by float order alone: Adam normalises each gradient, so wherever a gradient is
+    at rounding level, rounding picks the sign of a full lr step. The size of that drift, measured on these
+    cases with our own code only (the same TDNN as conv1d and as s3prl's unfold + Linear, all else equal):
+    up to 4.9e-5 relative over 5 updates (tiny HuBERT), 1.2e-6 (fbank). Rounding noise of 2^-24 on the
+    gradients alone gave 1.1e-6: a convolution sums thousands of products in a different order, which a
+    one-ulp model underestimates. rtol 3e-4 allows six times the measured drift, while a step that differs in
+    substance lands outside it by ten times or more (measured on these cases): lr 10 % off 3e-3, the other
+    accumulation 3e-2, clipping at 1 instead of 1000 1e-2. Weight decay 0 instead of 0.01 moves them by 4e-7
+    to 6e-6 in 5 updates, within float-order drift: this check cannot see it.
     """
     r = parity[name]
     ours, theirs = np.array(r["losses"]), np.array(r["s3prl_losses"])
@@ -231,7 +233,7 @@ def test_training_loss_sequence_matches_s3prl(parity, name):
     assert len(ours) == len(theirs) == case["steps"] * case["accumulate"]
     rel = np.abs(ours - theirs) / np.abs(theirs)
     print(f"{name}: loss max abs diff {np.abs(ours - theirs).max():.3g}, max rel diff {rel.max():.3g}")
-    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(ours, theirs, rtol=3e-4, atol=0)
 
 
 @pytest.mark.parametrize("name", list(CASES))
