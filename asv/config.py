@@ -159,6 +159,19 @@ class OptimConfig(_Checked):
     # Learning rate of the upstream when --upstream_trainable (default: --lr).
     upstream_lr: float | None = None
 
+    def __post_init__(self):
+        super().__post_init__()
+        try:
+            kwargs = yaml.safe_load(self.scheduler_kwargs)
+        except yaml.YAMLError as err:
+            kwargs = err
+        glued = isinstance(kwargs, dict) and any(":" in str(k) and v is None for k, v in kwargs.items())
+        if kwargs is not None and (not isinstance(kwargs, dict) or glued):
+            raise ConfigError(
+                f"--scheduler_kwargs {self.scheduler_kwargs!r} is not a YAML mapping; write it as "
+                '"{name: value, ...}" (a space after each colon)'
+            )
+
 
 @dataclass
 class RunConfig(_Checked):

@@ -31,7 +31,12 @@ def build_optimizer_and_scheduler(optim_cfg, model: torch.nn.Module, upstream: t
         if not hasattr(torch.optim.lr_scheduler, optim_cfg.scheduler):
             raise ConfigError(f"--scheduler {optim_cfg.scheduler} is not a torch.optim.lr_scheduler class")
         kwargs = yaml.safe_load(optim_cfg.scheduler_kwargs) or {}
-        scheduler = getattr(torch.optim.lr_scheduler, optim_cfg.scheduler)(optimizer, **kwargs)
+        try:
+            scheduler = getattr(torch.optim.lr_scheduler, optim_cfg.scheduler)(optimizer, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"--scheduler {optim_cfg.scheduler} --scheduler_kwargs {optim_cfg.scheduler_kwargs!r}: {err}"
+            ) from None
     return optimizer, scheduler
 
 

@@ -92,3 +92,9 @@ def test_saved_config_round_trips(tmp_path):
     cfg, _ = parse(TrainConfig, ["--upstream", "mfcc", "--layer_selections", "0", "2", "--margin", "0.2"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_train_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("kwargs", ["{max_lr:0.003}", "[1, 2]", "{a: [1"])
+def test_scheduler_kwargs_that_are_not_a_mapping_fail_at_parse_time(kwargs):
+    with pytest.raises(ConfigError, match="not a YAML mapping"):
+        parse(TrainConfig, ["--scheduler", "OneCycleLR", "--scheduler_kwargs", kwargs])
