@@ -10,9 +10,12 @@ from pathlib import Path
 
 
 def wandb_mode(requested: str) -> str:
-    """'auto' means online for a logged-in user (API key in the environment or ~/.netrc), else offline."""
+    """'auto' means W&B's own WANDB_MODE when it is set, else online for a logged-in user (API key in the
+    environment or ~/.netrc), else offline. An explicit --wandb_mode wins over everything."""
     if requested != "auto":
         return requested
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     try:

@@ -98,3 +98,17 @@ def test_saved_config_round_trips(tmp_path):
 def test_scheduler_kwargs_that_are_not_a_mapping_fail_at_parse_time(kwargs):
     with pytest.raises(ConfigError, match="not a YAML mapping"):
         parse(TrainConfig, ["--scheduler", "OneCycleLR", "--scheduler_kwargs", kwargs])
+
+
+def test_wandb_auto_follows_wandb_mode_then_login(monkeypatch, tmp_path):
+    from asv.tracking import wandb_mode
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("auto") == "disabled"
+    assert wandb_mode("offline") == "offline"  # an explicit flag wins
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"

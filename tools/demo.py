@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     t_start = args.started or time.time()
     t_script = time.time()
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    env = dict(os.environ)  # W&B offline unless you are logged in (or set WANDB_MODE), as for train.py
     print(f"machine: {machine()}", flush=True)
 
     t0 = stage(1, "prepare: generate the demo corpus (once) and write the manifests")
