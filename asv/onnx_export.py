@@ -273,7 +273,12 @@ class OnnxEmbedder:
     def __init__(self, model_dir: str | Path):
         import json
 
-        import onnxruntime
+        try:
+            import onnxruntime
+        except ImportError as err:
+            raise ConfigError(
+                f'running embedder.onnx needs onnxruntime ({one_line(err)}): pip install -e ".[onnx]"'
+            ) from None
 
         from asv.modeldir import read_model_dir
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-NO_ORT = "onnxruntime is not installed (pip install -r requirements.txt)"
+NO_ORT = "onnxruntime is not installed (pip install -e '.[onnx]'; make setup installs it)"
 onnxruntime = pytest.importorskip("onnxruntime", reason=NO_ORT)
 pytest.importorskip("onnxscript", reason="onnxscript is not installed: torch's ONNX exporter needs it")
 

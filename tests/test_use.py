@@ -237,7 +237,7 @@ def test_cli_embed_features_and_errors(exported, tmp_path, capsys):
 
 
 def test_onnx_file_of_the_exported_model_matches_pytorch(exported, tmp_path):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -r requirements.txt)")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
     pytest.importorskip("onnxscript", reason="onnxscript is not installed: torch's ONNX exporter needs it")
     import soundfile as sf
 
