@@ -30,11 +30,11 @@ import torch
 
 from asv.calibration import Calibration, fit_calibration, posterior
 from asv.errors import BadAudioError, CheckpointError, ConfigError
-from asv.extract import Embedder, audio_lengths, embed_cached
+from asv.extract import Embedder, audio_lengths, embed_cached, trial_list_scores
 from asv.manifest import DEV_LIST, read_trials_csv, unique_utterances
 from asv.metrics import compute_eer
 from asv.rundir import EvalLayout, read_train_state, verify_checkpoint
-from asv.scoring import enrollment_model, trial_scores
+from asv.scoring import enrollment_model
 
 Files = str | Path | Sequence[str | Path]
 
@@ -148,9 +148,9 @@ def checkpoint_reference(embedder: Embedder, effects: bool) -> tuple[float | Non
         why = f"{dev} does not exist (prepare.py --dev_speakers N builds it)"
         return None, f"no threshold: {why}", None, f"no calibration: {why}"
     trials = read_trials_csv(dev)
-    items = unique_utterances(trials)
-    vectors = embed_cached(embedder, items, audio_lengths([p for _, p in items]), layout.embeddings(step), effects)
-    scores, labels = trial_scores(vectors, trials), [t.label for t in trials]
+    lengths = audio_lengths([p for _, p in unique_utterances(trials)])
+    scores = trial_list_scores(embedder, trials, lengths, layout.embeddings(step), effects)
+    labels = [t.label for t in trials]
     eer, threshold = compute_eer(scores, labels)
     try:
         cal, why = fit_calibration(scores, labels, {"trials": DEV_LIST, "step": step, "ckpt_dir": str(ckpt)}), ""

@@ -235,14 +235,23 @@ def export_embeddings(path: Path, items: list[tuple[str, str]], vectors: dict[st
     )
 
 
+def trial_list_scores(
+    embedder, trials, lengths: dict[str, int], cache_file: Path | None, effects: bool, accelerator=None
+) -> np.ndarray:
+    """Cosine scores of `embedder` on a trial list, each utterance embedded once (through `cache_file`)."""
+    from asv.manifest import unique_utterances
+    from asv.scoring import trial_scores
+
+    vectors = embed_cached(embedder, unique_utterances(trials), lengths, cache_file, effects, accelerator)
+    return trial_scores(vectors, trials)
+
+
 def trial_list_eer(
     embedder, trials, lengths: dict[str, int], cache_file: Path | None, effects: bool, accelerator=None
 ) -> tuple[float, float]:
     """(EER as a fraction, its threshold) of `embedder` on a trial list: the dev-list figure train.py logs at
-    each checkpoint and asv.verify thresholds at."""
-    from asv.manifest import unique_utterances
+    each checkpoint."""
     from asv.metrics import compute_eer
-    from asv.scoring import trial_scores
 
-    vectors = embed_cached(embedder, unique_utterances(trials), lengths, cache_file, effects, accelerator)
-    return compute_eer(trial_scores(vectors, trials), [t.label for t in trials])
+    scores = trial_list_scores(embedder, trials, lengths, cache_file, effects, accelerator)
+    return compute_eer(scores, [t.label for t in trials])

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = args.started or time.time()
     t_script = time.time()
     env = dict(os.environ)  # W&B offline unless you are logged in (or set WANDB_MODE), as for train.py
-    print(f"machine: {machine()}", flush=True)
+    host = machine()
+    print(f"machine: {host}", flush=True)
 
     t0 = stage(1, "prepare: generate the demo corpus (once) and write the manifests")
     run(["prepare.py", *PREPARE], env)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_seconds": round(eval_seconds, 1),
         "baseline_seconds": round(baseline_seconds, 1),
         "wall_seconds": round(wall, 1),
-        "machine": machine(),
+        "machine": host,
     }
     (EXP / "summary.json").write_text(json.dumps(summary, indent=1))
     bound = MAX_EER_VS_BASELINE * summary["mfcc_baseline_eer"]
