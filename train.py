@@ -155,6 +155,7 @@ def train(cfg: TrainConfig) -> Path:
                     upstream_precision(),
                     stats,
                     cfg.run.upstream_precision,
+                    cfg.run.trim_padding,
                 )
             except torch.OutOfMemoryError:
                 # s3prl's OOM check is inverted and never fires; here the batch is dropped and counted.

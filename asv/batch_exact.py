@@ -64,20 +64,26 @@ class Plan:
     group_norms: list[tuple[nn.Module, int]] = field(default_factory=list)  # (module, index of its conv layer)
     mask_model: nn.Module | None = None  # a HuBERT/WavLM model whose forward_padding_mask is replaced
     kaldi: nn.Module | None = None  # a baseline (fbank/mfcc) expert whose per-utterance frame counts are read
+    # The fairseq-style model (wav2vec 2.0 / HuBERT / WavLM) whose extract_features asv.padding_trim wraps, and its
+    # first conv layer (what a group norm there normalises is that conv's output, silence included).
+    fairseq_model: nn.Module | None = None
+    first_conv: nn.Module | None = None
+    announced: bool = False
 
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def plan_for(upstream) -> Plan:
-    """The plan for this upstream, built once per module (and the batch-1 fallback announced once)."""
+def plan_for(upstream, announce: bool = True) -> Plan:
+    """The plan for this upstream, built once per module (and, with `announce`, the batch-1 fallback said once)."""
     upstream = getattr(upstream, "module", upstream)  # a fine-tuned upstream may be DDP-wrapped
     if upstream not in _plans:
-        plan = _build_plan(upstream)
-        if not plan.exact and int(os.environ.get("RANK", 0)) == 0:
-            print(f"note: embedding one utterance at a time: {plan.reason}", file=sys.stderr)
-        _plans[upstream] = plan
-    return _plans[upstream]
+        _plans[upstream] = _build_plan(upstream)
+    plan = _plans[upstream]
+    if announce and not plan.exact and not plan.announced and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: embedding one utterance at a time: {plan.reason}", file=sys.stderr)
+        plan.announced = True
+    return plan
 
 
 def exact_upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor, precision: str = "fp32"):
@@ -117,7 +123,7 @@ def _exact(module, plan: Plan, wav: torch.Tensor, wav_len: torch.Tensor, precisi
     wav = torch.nn.functional.pad(wav, (0, width - wav.size(1))) * valid
     with _patched(plan, model_len) as frames:
         hs, _ = upstream_forward(module, wav, model_len, precision)
-    num_frames = frames() if plan.kaldi is not None else _conv_lengths(model_len, plan.convs)
+    num_frames = frames() if plan.kaldi is not None else conv_lengths(model_len, plan.convs)
     return _repeat_last_frames(hs, wav_len, num_frames, module.downsample_rates)
 
 
@@ -134,7 +140,7 @@ def _one_by_one(upstream, wav: torch.Tensor, wav_len: torch.Tensor, precision: s
     return hs, lens
 
 
-def _conv_lengths(lengths: torch.Tensor, convs: list[tuple[int, int]]) -> torch.Tensor:
+def conv_lengths(lengths: torch.Tensor, convs: list[tuple[int, int]]) -> torch.Tensor:
     """Output frames of an unpadded conv stack: the frames computed from real samples only."""
     for kernel, stride in convs:
         lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
@@ -160,19 +166,19 @@ def _patched(plan: Plan, model_len: torch.Tensor):
     recorded: list[int] = []
     with ExitStack() as undo:
         for gn, layer in plan.group_norms:
-            valid = _conv_lengths(model_len, plan.convs[: layer + 1])
-            undo.enter_context(_shadow(gn, "forward", functools.partial(_group_norm_per_utterance, gn, valid)))
+            valid = conv_lengths(model_len, plan.convs[: layer + 1])
+            undo.enter_context(shadow(gn, "forward", functools.partial(_group_norm_per_utterance, gn, valid)))
         if plan.mask_model is not None:
             fn = functools.partial(_conv_padding_mask, plan.convs)
-            undo.enter_context(_shadow(plan.mask_model, "forward_padding_mask", fn))
+            undo.enter_context(shadow(plan.mask_model, "forward_padding_mask", fn))
         if plan.kaldi is not None:
             fn = functools.partial(_recording_extractor, plan.kaldi, recorded)
-            undo.enter_context(_shadow(plan.kaldi, "_extractor_forward", fn))
+            undo.enter_context(shadow(plan.kaldi, "_extractor_forward", fn))
         yield lambda: torch.tensor(recorded, device=model_len.device)
 
 
 @contextmanager
-def _shadow(obj, name: str, fn):
+def shadow(obj, name: str, fn):
     setattr(obj, name, fn)
     try:
         yield
@@ -190,7 +196,7 @@ def _group_norm_per_utterance(gn: nn.Module, valid: torch.Tensor, x: torch.Tenso
 
 def _conv_padding_mask(convs, features: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     """(B, T_feat) True on frames past each utterance's conv length (replaces HuBERT/WavLM's chunked rule)."""
-    frames = _conv_lengths((~padding_mask).sum(-1), convs)
+    frames = conv_lengths((~padding_mask).sum(-1), convs)
     return torch.arange(features.size(1), device=features.device)[None, :] >= frames[:, None]
 
 
@@ -232,7 +238,8 @@ def _baseline_plan(expert) -> Plan:
 
 
 def _conv_stack(extractor: nn.Module) -> tuple[list[tuple[int, int]], list[tuple[nn.Module, int]], list] | str:
-    """(kernel, stride) per conv layer, the group norms among them, and the modules covered; or why not."""
+    """(kernel, stride) per conv layer, the group norms among them, and the modules covered (the first conv
+    first); or why not."""
     convs, norms, covered = [], [], []
     for i, block in enumerate(extractor.conv_layers):
         conv = [m for m in block.modules() if isinstance(m, nn.Conv1d)]
@@ -240,7 +247,7 @@ def _conv_stack(extractor: nn.Module) -> tuple[list[tuple[int, int]], list[tuple
             return f"conv layer {i} is not one unpadded, undilated Conv1d"
         convs.append((conv[0].kernel_size[0], conv[0].stride[0]))
         norms += [(m, i) for m in block.modules() if isinstance(m, nn.GroupNorm)]
-        covered += [m for m in block.modules() if isinstance(m, TIME_MIXING)]
+        covered += conv + [m for m in block.modules() if isinstance(m, TIME_MIXING) and m is not conv[0]]
     return convs, norms, covered
 
 
@@ -286,7 +293,7 @@ def _fairseq_plan(expert) -> Plan:
         return Plan(False, why)
     # wav2vec 2.0 already derives its frame mask from the conv arithmetic; HuBERT and WavLM chunk the sample mask.
     mask_model = model if hasattr(model, "forward_padding_mask") else None
-    return Plan(True, convs=convs, group_norms=norms, mask_model=mask_model)
+    return Plan(True, convs=convs, group_norms=norms, mask_model=mask_model, fairseq_model=model, first_conv=covered[0])
 
 
 def _hf_plan(expert) -> Plan:

@@ -102,6 +102,7 @@ def train_step(
     precision,
     stats,
     upstream_precision="fp32",
+    trim_padding=True,
 ):
     """One batch of train.py's loop (and of the s3prl parity test, which runs exactly this).
 
@@ -116,7 +117,9 @@ def train_step(
     grad_norm = None
     with accelerator.accumulate(model, *([upstream] if finetune else [])):
         # A frozen upstream runs in inference mode, so no autograd graph goes through it.
-        hidden, hidden_len = upstream_features(upstream, wav, wav_len, finetune, precision, upstream_precision)
+        hidden, hidden_len = upstream_features(
+            upstream, wav, wav_len, finetune, precision, upstream_precision, trim_padding
+        )
         loss, logits = model(hidden, hidden_len, labels)
         accelerator.backward(loss)
         stats.add(loss, logits, labels)

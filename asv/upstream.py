@@ -268,14 +268,24 @@ def fbank_batched(upstream, wav: torch.Tensor, wav_len: torch.Tensor):
 
 
 def upstream_features(
-    upstream, wav: torch.Tensor, wav_len: torch.Tensor, trainable: bool, precision, upstream_precision: str = "fp32"
+    upstream,
+    wav: torch.Tensor,
+    wav_len: torch.Tensor,
+    trainable: bool,
+    precision,
+    upstream_precision: str = "fp32",
+    trim_padding: bool = True,
 ):
     """The hidden states a training step feeds the featurizer, under the `precision` autocast context: a
-    fine-tuned upstream runs with autograd; a frozen one in inference mode, its outputs copied out of it."""
+    fine-tuned upstream runs with autograd; a frozen one in inference mode, its outputs copied out of it
+    (with `trim_padding`, computed without the batch's padding where asv.padding_trim can: the same values)."""
+    from asv.padding_trim import trimmable, trimmed_upstream_forward
+
     with precision:
         if trainable:
             return upstream(wav, wav_len)
-        return trainable_inputs(*upstream_forward(upstream, wav, wav_len, upstream_precision))
+        forward = trimmed_upstream_forward if trim_padding and trimmable(upstream, wav, wav_len) else upstream_forward
+        return trainable_inputs(*forward(upstream, wav, wav_len, upstream_precision))
 
 
 def trainable_inputs(hidden: list[torch.Tensor], hidden_len: list[torch.Tensor]):

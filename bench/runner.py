@@ -9,7 +9,8 @@ code must not need it. With BENCH_STEP_LOG=FILE in the environment, every optimi
 time.monotonic() to FILE, so both sides' update rates are measured the same way (the timestamps include
 data-loading stalls, as a user sees them, and exclude start-up and the first-run caches).
 With BENCH_SHAPE_LOG=FILE, every upstream forward (s3prl's S3PRLUpstream, which both sides use) appends
-`batch padded_samples`, so both sides' padded audio per update can be compared. With BENCH_CUDA_MEM=FILE,
+`batch padded_samples`, so both sides' padded audio per update can be compared (ours logs the padded batch
+that asv.padding_trim computes without its padding, once). With BENCH_CUDA_MEM=FILE,
 the process writes its peak CUDA memory (allocated and reserved bytes, JSON) there when it exits.
 """
 
@@ -36,18 +37,36 @@ def record_optimizer_steps(path: str) -> None:
     register_optimizer_step_post_hook(hook)
 
 
-def record_upstream_batches(path: str) -> None:
+def record_upstream_batches(path: str, ours: bool) -> None:
     """Append `batch padded_samples` per S3PRLUpstream forward to `path` (import the torchaudio shim first)."""
     from s3prl.nn.upstream import S3PRLUpstream
 
     log = open(path, "a", buffering=1)  # noqa: SIM115  (kept open for the life of the process)
     forward = S3PRLUpstream.forward
+    inside_trim = [False]
 
     def logged(self, wavs, wavs_len):
-        log.write(f"{wavs.size(0)} {wavs.size(1)}\n")
+        if not inside_trim[0]:
+            log.write(f"{wavs.size(0)} {wavs.size(1)}\n")
         return forward(self, wavs, wavs_len)
 
     S3PRLUpstream.forward = logged
+    if not ours:
+        return
+    from asv import padding_trim
+
+    trimmed = padding_trim.trimmed_upstream_forward
+
+    def logged_trim(upstream, wav, wav_len, *args, **kwargs):
+        # The padded batch, once (its utterances then run one by one through S3PRLUpstream, unlogged).
+        log.write(f"{wav.size(0)} {wav.size(1)}\n")
+        inside_trim[0] = True
+        try:
+            return trimmed(upstream, wav, wav_len, *args, **kwargs)
+        finally:
+            inside_trim[0] = False
+
+    padding_trim.trimmed_upstream_forward = logged_trim
 
 
 def record_cuda_peak(path: str) -> None:
@@ -77,7 +96,7 @@ def main(argv: list[str]) -> None:
     else:
         import asv.upstream  # noqa: F401  (its torchaudio shim, before s3prl.nn is imported below)
     if os.environ.get("BENCH_SHAPE_LOG"):
-        record_upstream_batches(os.environ["BENCH_SHAPE_LOG"])
+        record_upstream_batches(os.environ["BENCH_SHAPE_LOG"], ours=mode == "script")
     if mode == "s3prl":
         from s3prl import problem
 

@@ -5,7 +5,13 @@ import torch.nn.functional as F
 import asv.upstream  # noqa: F401  (installs the torchaudio shim before s3prl imports)
 from asv.config import LossConfig, ModelConfig
 from asv.losses import AMSoftmax, build_loss
-from asv.models import XVECTOR_LENGTH_REDUCTION, SuperbXvector, build_speaker_model, masked_mean_std
+from asv.models import (
+    XVECTOR_LENGTH_REDUCTION,
+    SuperbXvector,
+    build_speaker_model,
+    masked_mean_std,
+    segment_mean_std,
+)
 
 
 def test_xvector_shapes_and_length_reduction():
@@ -61,6 +67,48 @@ def test_conv_tdnn_with_batch_norm_matches_s3prl_outputs_and_gradients():
     for name, p in ours.named_parameters():
         g = ref_grads[name].grad
         torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-9 * g.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_packed_xvector_equals_s3prl_on_padded_batches(training, monkeypatch):
+    # A batch with padding runs on its valid frames packed end to end (SuperbXvector._packed): the same sums as
+    # s3prl's padded unfold-and-multiply, in another order. float64, as above: a frame taken from the wrong
+    # utterance or offset is O(1), float order ~1e-14.
+    from s3prl.nn.speaker_model import SuperbXvector as Reference
+
+    torch.manual_seed(0)
+    ref, ours = Reference(80).double(), SuperbXvector(80).double()
+    ours.load_state_dict(ref.state_dict())
+    ref.train(training)
+    ours.train(training)
+    packed = []
+    monkeypatch.setattr(SuperbXvector, "_packed", lambda self, *a: packed.append(1) or _PACKED(self, *a))
+    x, lens = torch.randn(4, 90, 80, dtype=torch.float64), torch.tensor([90, 64, 31, 16])
+    out, expected = ours(x, lens), ref(x, lens)
+    assert packed, "a batch that is 43 % padding must take the packed path"
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9 * expected.abs().max().item())
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        if ref_grads[name].grad is None:  # linear2 outside training
+            assert p.grad is None, name
+            continue
+        g = ref_grads[name].grad
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-9 * g.abs().max().item(), msg=name)
+    packed.clear()
+    ours(x, torch.tensor([90, 90, 88, 85]))  # 3 % padding: the padded convolution path
+    assert not packed
+
+
+_PACKED = SuperbXvector._packed
+
+
+def test_segment_pooling_equals_masked_pooling():
+    torch.manual_seed(0)
+    x, lens = torch.randn(3, 7, 5), torch.tensor([7, 1, 4])
+    packed = torch.cat([x[i, :n] for i, n in enumerate(lens.tolist())])
+    torch.testing.assert_close(segment_mean_std(packed, lens), masked_mean_std(x, lens))
 
 
 def test_tdnn_width_is_configurable_and_defaults_to_superb():

@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -25,8 +26,10 @@ import yaml
 
 import evaluate
 import prepare
+from asv import models, padding_trim
 from asv.config import TrainConfig
 from asv.metrics import compute_eer
+from asv.models import SuperbXvector
 from asv.random_upstreams import build_random_upstreams
 from bench.parity import (
     INIT_FILE,
@@ -163,8 +166,9 @@ def parity(tmp_path_factory):
             s3prl.wait_for(work / name / INIT_FILE)
             cfg = train_config(name, ckpts[name], data)
             init = torch.load(work / name / INIT_FILE, weights_only=True)
-            losses, state = our_training(cfg, crops, case["batches"], init, num_classes)
-            results[name] = dict(cfg=cfg, init=init, losses=losses, state=state)
+            with counting_fast_paths() as fast_paths:
+                losses, state = our_training(cfg, crops, case["batches"], init, num_classes)
+            results[name] = dict(cfg=cfg, init=init, losses=losses, state=state, fast_paths=fast_paths)
             clock(f"{name}: our training done")
         for case in cases:  # alongside s3prl's stage 3
             name, r = case["name"], results[case["name"]]
@@ -189,6 +193,32 @@ def parity(tmp_path_factory):
         result = work / case["name"] / "s3prl/evaluate" / S3PRL_TRIAL_LIST / f"step_{case['steps']}/result.yaml"
         results[case["name"]]["s3prl_eer"] = 100.0 * yaml.safe_load(result.read_text())["EER"]
     return results
+
+
+@contextmanager
+def counting_fast_paths():
+    """Counts the batches whose upstream forward ran without its padding (asv.padding_trim) and whose x-vector ran
+    on packed valid frames (SuperbXvector._packed): the comparison with s3prl must go through both. Every batch
+    with padding packs here: these crops are under a tenth padding, which train.py leaves to the padded
+    convolutions (PACK_ABOVE_PADDING is a speed choice; both paths compute the same)."""
+    counts = {"trimmed": 0, "packed": 0}
+    threshold, models.PACK_ABOVE_PADDING = models.PACK_ABOVE_PADDING, 0.0
+    trimmed, packed = padding_trim.trimmed_upstream_forward, SuperbXvector._packed
+
+    def count(key, fn):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    padding_trim.trimmed_upstream_forward = count("trimmed", trimmed)
+    SuperbXvector._packed = count("packed", packed)
+    try:
+        yield counts
+    finally:
+        padding_trim.trimmed_upstream_forward, SuperbXvector._packed = trimmed, packed
+        models.PACK_ABOVE_PADDING = threshold
 
 
 def adam_step_bound(beta1: float, beta2: float, t: int) -> float:
@@ -230,6 +260,9 @@ def test_training_loss_sequence_matches_s3prl(parity, name):
     r = parity[name]
     ours, theirs = np.array(r["losses"]), np.array(r["s3prl_losses"])
     case = CASES[name]
+    # The batches with padding (half of them) run the packed x-vector, and HuBERT's the trimmed upstream forward.
+    assert r["fast_paths"]["packed"] > 0
+    assert (r["fast_paths"]["trimmed"] > 0) == (name == "hubert"), r["fast_paths"]
     assert len(ours) == len(theirs) == case["steps"] * case["accumulate"]
     rel = np.abs(ours - theirs) / np.abs(theirs)
     print(f"{name}: loss max abs diff {np.abs(ours - theirs).max():.3g}, max rel diff {rel.max():.3g}")

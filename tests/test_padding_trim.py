@@ -1,0 +1,80 @@
+"""Training's upstream forward without the padding (asv/padding_trim.py) equals the padded batch's, per family.
+
+Tiny random checkpoints in both feature-extractor modes (`tiny`: Base's group-normalised first conv layer;
+`tiny_large`: Large's layer norms and waveform normalisation), utterances of 0.06 s to 8 s in one batch.
+"""
+
+import pytest
+import torch
+
+from asv.batch_exact import plan_for
+from asv.padding_trim import trimmable, trimmed_upstream_forward
+from asv.random_upstreams import build_random_upstreams
+from asv.upstream import build_upstream, upstream_forward
+from tests.test_batch_exact import HIDDEN_TOL, padded, utterances
+
+FAMILIES = ["wav2vec2_local", "hubert_local", "wavlm_local"]
+CASES = [(name, size) for size in ("tiny", "tiny_large") for name in FAMILIES]
+SECONDS = [0.06, 1.0, 2.3, 3.7, 5.2, 8.0, 7.99]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trim_upstreams")
+    return {size: build_random_upstreams(tmp / size, size) for size in ("tiny", "tiny_large")}
+
+
+def kept_frame_gap(hs, lens, ref_hs, ref_lens) -> float:
+    """Largest |trimmed - padded| over each utterance's kept frames; asserts shapes and lengths are the padded's."""
+    gap = 0.0
+    for h, n, rh, rn in zip(hs, lens, ref_hs, ref_lens, strict=True):
+        assert h.shape == rh.shape and torch.equal(n, rn)
+        for i, k in enumerate(rn.tolist()):
+            gap = max(gap, (h[i, :k] - rh[i, :k]).abs().max().item())
+    return gap
+
+
+@pytest.mark.parametrize("name, size", CASES, ids=[f"{n}-{s}" for n, s in CASES])
+def test_trimmed_equals_the_padded_batch(name, size, ckpts):
+    upstream = build_upstream(name, str(ckpts[size][name]))
+    wav, wav_len = padded(utterances(SECONDS))
+    assert trimmable(upstream, wav, wav_len)
+    widths = []
+    hook = plan_for(upstream).first_conv.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[-1]))
+    try:
+        hs, lens = trimmed_upstream_forward(upstream, wav, wav_len)
+    finally:
+        hook.remove()
+    ref_hs, ref_lens = upstream_forward(upstream, wav, wav_len)
+    assert kept_frame_gap(hs, lens, ref_hs, ref_lens) < HIDDEN_TOL
+    # One run per utterance, none wider than the batch, together well under the padded batch's samples (the
+    # first conv also computes its output for silence once per run of the group-normalised models: kernel wide).
+    widths = [w for w in widths if w > plan_for(upstream).first_conv.kernel_size[0]]
+    assert len(widths) == len(SECONDS) and max(widths) == wav.size(1)
+    assert sum(widths) < 0.75 * wav.numel()
+    model = plan_for(upstream).fairseq_model
+    assert "extract_features" not in vars(model)  # the patches are gone again
+    assert all("forward" not in vars(gn) for gn, _ in plan_for(upstream).group_norms)
+
+
+def test_the_padding_statistics_are_what_makes_it_equal(ckpts):
+    # Without the padding's statistics (a short utterance run alone), the Base group norm gives other features:
+    # the equality above is not that of a model padding cannot reach.
+    upstream = build_upstream("hubert_local", str(ckpts["tiny"]["hubert_local"]))
+    wavs = utterances([1.0, 8.0])
+    wav, wav_len = padded(wavs)
+    ref_hs, ref_lens = upstream_forward(upstream, wav, wav_len)
+    alone, _ = upstream_forward(upstream, wavs[0][None], wav_len[:1])
+    k = int(ref_lens[-1][0])
+    assert (alone[-1][0, :k] - ref_hs[-1][0, :k]).abs().max().item() > 100 * HIDDEN_TOL
+
+
+def test_where_it_does_not_apply(ckpts):
+    hubert = build_upstream("hubert_local", str(ckpts["tiny"]["hubert_local"]))
+    wav, wav_len = padded(utterances([1.0, 2.0]))
+    assert not trimmable(hubert, wav[:1], wav_len[:1])  # nothing to save
+    assert not trimmable(hubert, *padded(utterances([2.0, 2.0])))
+    assert not trimmable(hubert, *padded(utterances([0.03, 2.0])))  # S3PRLUpstream extends a lone one that short
+    hf = build_upstream("hf_wav2vec2_custom", str(ckpts["tiny"]["hf_wav2vec2_custom"]))
+    assert not trimmable(hf, wav, wav_len)
+    assert not trimmable(build_upstream("fbank"), wav, wav_len)
