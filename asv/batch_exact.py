@@ -113,6 +113,14 @@ def _modes_kept(module: nn.Module):
             m.training = training
 
 
+def batch1_upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor, precision: str = "fp32"):
+    """What exact_upstream_forward returns, computed as s3prl's evaluation does: each utterance alone."""
+    module = getattr(upstream, "module", upstream)
+    wav = wav.squeeze(-1) if wav.dim() == 3 else wav
+    with _modes_kept(module):
+        return _one_by_one(module, wav, wav_len, precision)
+
+
 def _exact(module, plan: Plan, wav: torch.Tensor, wav_len: torch.Tensor, precision: str):
     """One padded forward with the plan's patches, then s3prl's per-utterance frame counts."""
     # A lone utterance under 0.05 s is zero-extended to it and modelled as that longer input; do the same per

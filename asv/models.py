@@ -103,7 +103,7 @@ class SuperbXvector(nn.Module):
     utterance's pooled frames read only its own valid frames (the stack is unpadded, so each output frame reads
     the 15 input frames from itself on, and pooling stops 14 frames before the utterance's end), so the result
     is the padded batch's, without the work on padding (tests/test_models.py). Not with batch norm, whose
-    statistics s3prl takes over the padded frames too.
+    statistics s3prl takes over the padded frames too, and on CPUs only (`_packs`).
     """
 
     def __init__(
@@ -152,7 +152,9 @@ class SuperbXvector(nn.Module):
         return h
 
     def _packs(self, x: torch.Tensor, x_len: torch.Tensor) -> bool:
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # data-dependent shapes
+        # Packing sizes tensors by the lengths: a host sync, cheap next to a CPU's compute but not on a GPU's
+        # queue, and compile/export cannot trace it.
+        if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return False
         if any(layer.bn is not None for layer in self.tdnns.module):
             return False

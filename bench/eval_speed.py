@@ -61,11 +61,12 @@ from omegaconf import OmegaConf  # noqa: E402
 from s3prl.problem import SuperbASV  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from asv.batch_exact import batch1_upstream_forward  # noqa: E402
 from asv.config import TrainConfig, load_train_config, parse, save_config  # noqa: E402
 from asv.datasets import EvalDataset, collate_eval  # noqa: E402
 
 # Our evaluation machinery (asv/extract.py), imported in this one place.
-from asv.extract import Embedder, audio_lengths, embed_all, length_sorted_batches  # noqa: E402
+from asv.extract import ALONE_ON_CPU, Embedder, audio_lengths, embed_all, length_sorted_batches  # noqa: E402
 from asv.manifest import read_trials_csv, unique_utterances  # noqa: E402
 from asv.metrics import metrics  # noqa: E402
 from asv.models import build_speaker_model  # noqa: E402
@@ -220,10 +221,13 @@ def time_floors(embedder, loaded) -> dict:
     """Seconds of our model's forward over all pre-loaded test batches (no data loading at all), and of the
     upstream's forward alone within it: ModelEmbedder.__call__ in its two parts."""
     cuda = next(embedder.model.parameters()).device.type == "cuda"
+    # The upstream's own forward, as ModelEmbedder runs it minus batch-exactness: on a CPU each utterance alone
+    # (asv.extract.ALONE_ON_CPU), on a GPU the padded batch.
+    forward = upstream_forward if cuda or not ALONE_ON_CPU else batch1_upstream_forward
     model_s = upstream_s = 0.0
     for _, wav, wav_len in loaded:
         t0 = time.perf_counter()
-        hidden, hidden_len = upstream_forward(embedder.upstream, wav, wav_len, embedder.upstream_precision)
+        hidden, hidden_len = forward(embedder.upstream, wav, wav_len, embedder.upstream_precision)
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()

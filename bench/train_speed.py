@@ -211,10 +211,10 @@ def floor_rates(setup: Setup, first_update: int, updates: int, warmup: int = 2) 
     for i, (wav, wav_len, labels) in enumerate(warm + batches):  # the warm-up batches untimed
         wav, wav_len, labels = wav.to(device), wav_len.to(device), labels.to(device)
         # train.py's upstream forward (asv.upstream.upstream_features): without the padding where it can.
-        trim = trimmable(upstream, wav, wav_len)
+        forward = trimmed_upstream_forward if trimmable(upstream, wav, wav_len) else upstream_forward
         sync()
         t0 = time.perf_counter()
-        hidden, hidden_len = (trimmed_upstream_forward if trim else upstream_forward)(upstream, wav, wav_len)
+        hidden, hidden_len = forward(upstream, wav, wav_len)
         sync()
         t1 = time.perf_counter()
         loss, _ = model(*trainable_inputs(hidden, hidden_len), labels)
@@ -224,14 +224,18 @@ def floor_rates(setup: Setup, first_update: int, updates: int, warmup: int = 2) 
             optimizer.step()
             optimizer.zero_grad()
         sync()
-        t2 = time.perf_counter()
-        if trim:  # what the padded batch's forward (s3prl's) costs on the same batch, outside the step
-            upstream_forward(upstream, wav, wav_len)
-            sync()
         if i >= len(warm):
-            step_seconds += t2 - t0
+            step_seconds += time.perf_counter() - t0
             upstream_seconds += t1 - t0
-            padded_seconds += (time.perf_counter() - t2) if trim else (t1 - t0)
+    # Then what the padded batch's forward (s3prl's) costs on the same batches: a pass of its own, as
+    # so that its larger buffers do not share the allocator and caches with the timed steps.
+    for wav, wav_len, _ in batches:
+        wav, wav_len = wav.to(device), wav_len.to(device)
+        sync()
+        t0 = time.perf_counter()
+        upstream_forward(upstream, wav, wav_len)
+        sync()
+        padded_seconds += time.perf_counter() - t0
     return {"step": updates / step_seconds, "upstream": updates / upstream_seconds, "padded": updates / padded_seconds}
 
 

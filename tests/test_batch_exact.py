@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import asv.extract
 import evaluate
 import prepare
 import train
@@ -69,7 +70,7 @@ def valid_frame_gap(hs, lens, singles) -> float:
 
 
 @pytest.mark.parametrize("name, size", CASES, ids=[f"{n}-{s or 'signal'}" for n, s in CASES])
-def test_batched_equals_batch_1(name, size, ckpts):
+def test_batched_equals_batch_1(name, size, ckpts, monkeypatch):
     upstream = load(ckpts, name, size)
     assert plan_for(upstream).exact, plan_for(upstream).reason
     wavs = utterances([*SECONDS, TOO_SHORT])
@@ -87,8 +88,10 @@ def test_batched_equals_batch_1(name, size, ckpts):
     model = build_speaker_model(ModelConfig(upstream=name), LossConfig(), upstream, num_classes=4).eval()
     with torch.inference_mode():  # the reference: s3prl's batch-1 hidden states through the same model
         single = torch.cat([model.embed(*s) for s in singles[: len(SECONDS)]])
-    batched = ModelEmbedder(upstream, model)(*padded(wavs[: len(SECONDS)]))  # evaluation's embedder
-    assert torch.nn.functional.cosine_similarity(single, batched).min() >= MIN_COSINE
+    for alone in (False, True):  # evaluation's embedder: the GPU's batch-exact batch, the CPU's one by one
+        monkeypatch.setattr(asv.extract, "ALONE_ON_CPU", alone)
+        batched = ModelEmbedder(upstream, model)(*padded(wavs[: len(SECONDS)]))
+        assert torch.nn.functional.cosine_similarity(single, batched).min() >= MIN_COSINE, alone
 
 
 def test_patches_live_only_inside_the_embedding_forward(ckpts):
@@ -190,8 +193,9 @@ def hubert_run(ckpts, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_evaluate_gives_the_batch_1_eer(hubert_run, tmp_path):
+def test_evaluate_gives_the_batch_1_eer(hubert_run, tmp_path, monkeypatch):
     """evaluate.py's length-sorted batches (2.5-6 s demo utterances, several per batch) score as batch 1 does."""
+    monkeypatch.setattr(asv.extract, "ALONE_ON_CPU", False)  # the GPU's batch-exact padded batches, here on CPU
     results = {}
     for budget in ("400000", "1"):  # the default; 1 sample puts every utterance in a batch of its own
         out = tmp_path / budget
