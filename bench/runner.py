@@ -11,7 +11,8 @@ data-loading stalls, as a user sees them, and exclude start-up and the first-run
 With BENCH_SHAPE_LOG=FILE, every upstream forward (s3prl's S3PRLUpstream, which both sides use) appends
 `batch padded_samples`, so both sides' padded audio per update can be compared (ours logs the padded batch
 that asv.padding_trim computes without its padding, once). With BENCH_CUDA_MEM=FILE,
-the process writes its peak CUDA memory (allocated and reserved bytes, JSON) there when it exits.
+the process writes its peak CUDA memory (allocated and reserved bytes, JSON) there when it exits. With
+BENCH_UPSTREAM_LOG=FILE, our script's training-step upstream forward appends `start end` per call.
 """
 
 from __future__ import annotations
@@ -69,6 +70,26 @@ def record_upstream_batches(path: str, ours: bool) -> None:
     padding_trim.trimmed_upstream_forward = logged_trim
 
 
+def record_upstream_time(path: str) -> None:
+    """Append `start end` (time.monotonic()) per call of our training step's upstream forward
+    (asv.upstream.upstream_features) to `path`: the share of each update our run spends in the upstream,
+    measured in the run itself."""
+    import asv.upstream
+
+    log = open(path, "a", buffering=1)  # noqa: SIM115  (kept open for the life of the process)
+    features = asv.upstream.upstream_features
+
+    def timed(*args, **kwargs):
+        start = time.monotonic()
+        out = features(*args, **kwargs)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        log.write(f"{start:.6f} {time.monotonic():.6f}\n")
+        return out
+
+    asv.upstream.upstream_features = timed
+
+
 def record_cuda_peak(path: str) -> None:
     """At exit (s3prl's --stop ends with exit(0), which still runs atexit), write this process's peak CUDA memory."""
 
@@ -97,6 +118,8 @@ def main(argv: list[str]) -> None:
         import asv.upstream  # noqa: F401  (its torchaudio shim, before s3prl.nn is imported below)
     if os.environ.get("BENCH_SHAPE_LOG"):
         record_upstream_batches(os.environ["BENCH_SHAPE_LOG"], ours=mode == "script")
+    if os.environ.get("BENCH_UPSTREAM_LOG") and mode == "script":
+        record_upstream_time(os.environ["BENCH_UPSTREAM_LOG"])
     if mode == "s3prl":
         from s3prl import problem
 

@@ -7,6 +7,7 @@ Tiny random checkpoints in both feature-extractor modes (`tiny`: Base's group-no
 import pytest
 import torch
 
+from asv import padding_trim
 from asv.batch_exact import plan_for
 from asv.padding_trim import trimmable, trimmed_upstream_forward
 from asv.random_upstreams import build_random_upstreams
@@ -16,6 +17,11 @@ from tests.test_batch_exact import HIDDEN_TOL, padded, utterances
 FAMILIES = ["wav2vec2_local", "hubert_local", "wavlm_local"]
 CASES = [(name, size) for size in ("tiny", "tiny_large") for name in FAMILIES]
 SECONDS = [0.06, 1.0, 2.3, 3.7, 5.2, 8.0, 7.99]
+
+
+@pytest.fixture(autouse=True)
+def trim_tiny_models(monkeypatch):
+    monkeypatch.setattr(padding_trim, "TRIM_MIN_PARAMETERS", 0)  # train.py trims real-size models only
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +75,12 @@ def test_the_padding_statistics_are_what_makes_it_equal(ckpts):
     assert (alone[-1][0, :k] - ref_hs[-1][0, :k]).abs().max().item() > 100 * HIDDEN_TOL
 
 
-def test_where_it_does_not_apply(ckpts):
+def test_where_it_does_not_apply(ckpts, monkeypatch):
     hubert = build_upstream("hubert_local", str(ckpts["tiny"]["hubert_local"]))
     wav, wav_len = padded(utterances([1.0, 2.0]))
+    monkeypatch.setattr(padding_trim, "TRIM_MIN_PARAMETERS", 20_000_000)
+    assert not trimmable(hubert, wav, wav_len)  # a tiny model: the per-utterance calls would cost more
+    monkeypatch.setattr(padding_trim, "TRIM_MIN_PARAMETERS", 0)
     assert not trimmable(hubert, wav[:1], wav_len[:1])  # nothing to save
     assert not trimmable(hubert, *padded(utterances([2.0, 2.0])))
     assert not trimmable(hubert, *padded(utterances([0.03, 2.0])))  # S3PRLUpstream extends a lone one that short

@@ -166,7 +166,7 @@ def parity(tmp_path_factory):
             s3prl.wait_for(work / name / INIT_FILE)
             cfg = train_config(name, ckpts[name], data)
             init = torch.load(work / name / INIT_FILE, weights_only=True)
-            with counting_fast_paths() as fast_paths:
+            with forcing_fast_paths() as fast_paths:
                 losses, state = our_training(cfg, crops, case["batches"], init, num_classes)
             results[name] = dict(cfg=cfg, init=init, losses=losses, state=state, fast_paths=fast_paths)
             clock(f"{name}: our training done")
@@ -196,13 +196,14 @@ def parity(tmp_path_factory):
 
 
 @contextmanager
-def counting_fast_paths():
+def forcing_fast_paths():
     """Counts the batches whose upstream forward ran without its padding (asv.padding_trim) and whose x-vector ran
     on packed valid frames (SuperbXvector._packed): the comparison with s3prl must go through both. Every batch
-    with padding packs here: these crops are under a tenth padding, which train.py leaves to the padded
-    convolutions (PACK_ABOVE_PADDING is a speed choice; both paths compute the same)."""
+    with padding takes both here: train.py leaves batches under a tenth padding (these crops) to the padded
+    convolutions and tiny models to the padded forward, speed choices only (each path computes the same)."""
     counts = {"trimmed": 0, "packed": 0}
     threshold, models.PACK_ABOVE_PADDING = models.PACK_ABOVE_PADDING, 0.0
+    min_parameters, padding_trim.TRIM_MIN_PARAMETERS = padding_trim.TRIM_MIN_PARAMETERS, 0  # tiny HuBERT too
     trimmed, packed = padding_trim.trimmed_upstream_forward, SuperbXvector._packed
 
     def count(key, fn):
@@ -219,6 +220,7 @@ def counting_fast_paths():
     finally:
         padding_trim.trimmed_upstream_forward, SuperbXvector._packed = trimmed, packed
         models.PACK_ABOVE_PADDING = threshold
+        padding_trim.TRIM_MIN_PARAMETERS = min_parameters
 
 
 def adam_step_bound(beta1: float, beta2: float, t: int) -> float:
