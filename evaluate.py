@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from asv.calibration import Calibration, fit_calibration
 from asv.config import EvalConfig, load_train_config, parse
 from asv.errors import AsvError, CheckpointError, ConfigError, ManifestError, describe
-from asv.extract import Embedder, audio_lengths, embed_cached, export_embeddings
+from asv.extract import Embedder, audio_lengths, embed_cached, embed_checkpoints, export_embeddings
 from asv.manifest import (
     DEV_LIST,
     Trial,
@@ -82,20 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
         upstream_cache: dict = {}
         results: dict[str, dict[int, dict]] = {n: {} for n in trials}
         scored: dict[str, dict[int, tuple]] = {n: {} for n in trials}  # for the DET plots
-        for step, ckpt in progress(ckpts, desc="checkpoints", unit="ckpt", enabled=accelerator.is_main_process):
-            embedder = Embedder(ckpt, accelerator.device, upstream_cache)
-            effects = embedder.test_effects if cfg.test_effects is None else cfg.test_effects
-            vectors = embed_cached(
-                embedder,
-                utts + cohort,
-                lengths,
-                layout.embeddings(step) if cfg.cache else None,
-                effects,
-                accelerator,
-                cfg.eval_max_frames,
-                cfg.num_workers,
-                f"embedding step {step}",
-            )
+        embedded = checkpoint_embeddings(cfg, ckpts, utts + cohort, lengths, layout, accelerator, upstream_cache)
+        shown = progress(embedded, len(ckpts), "checkpoints", "ckpt", enabled=accelerator.is_main_process)
+        for step, ckpt, embedder, effects, vectors in shown:
             if not accelerator.is_main_process:
                 continue
             if cfg.export_embeddings:
@@ -134,6 +123,61 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     except AsvError as err:  # the library explains in one line; the script exits with it
         raise SystemExit(f"error: {describe(err)}") from None
+
+
+def checkpoint_embeddings(cfg: EvalConfig, ckpts, items, lengths, layout: EvalLayout, accelerator, upstream_cache):
+    """(step, ckpt, embedder, test effects, {wav_path: embedding}) per checkpoint, in order.
+
+    The checkpoints of a frozen upstream are embedded first, together (asv.extract.embed_checkpoints): the
+    upstream runs once per utterance for all of them, where s3prl runs it again for each checkpoint. Those of a
+    fine-tuned upstream each carry their own, and are embedded one at a time as their turn comes."""
+
+    def effects_of(embedder):
+        return embedder.test_effects if cfg.test_effects is None else cfg.test_effects
+
+    def cache_of(step):
+        return layout.embeddings(step) if cfg.cache else None
+
+    groups: dict[tuple, list] = {}
+    for step, ckpt in ckpts:
+        if not load_train_config(ckpt / "config.yaml").model.upstream_trainable:
+            embedder = Embedder(ckpt, accelerator.device, upstream_cache)
+            key = (id(embedder.upstream), embedder.upstream_precision, effects_of(embedder))
+            groups.setdefault(key, []).append((step, embedder))
+    joint = {}
+    for (_, _, effects), members in groups.items():
+        steps, embedders = zip(*members, strict=True)
+        desc = f"embedding step {steps[0]}" if len(steps) == 1 else f"embedding {len(steps)} checkpoints"
+        vectors = embed_checkpoints(
+            list(embedders),
+            items,
+            lengths,
+            [cache_of(s) for s in steps],
+            effects,
+            accelerator,
+            cfg.eval_max_frames,
+            cfg.num_workers,
+            desc,
+        )
+        joint.update({s: (e, effects, v) for s, e, v in zip(steps, embedders, vectors, strict=True)})
+    for step, ckpt in ckpts:
+        if step in joint:
+            yield step, ckpt, *joint.pop(step)
+            continue
+        embedder = Embedder(ckpt, accelerator.device, upstream_cache)
+        effects = effects_of(embedder)
+        vectors = embed_cached(
+            embedder,
+            items,
+            lengths,
+            cache_of(step),
+            effects,
+            accelerator,
+            cfg.eval_max_frames,
+            cfg.num_workers,
+            f"embedding step {step}",
+        )
+        yield step, ckpt, embedder, effects, vectors
 
 
 def checkpoints_to_evaluate(cfg: EvalConfig) -> tuple[Path, list[tuple[int, Path]]]:

@@ -65,11 +65,40 @@ class ModelEmbedder:
 
     @torch.inference_mode()
     def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(*self.hidden_states(wav, wav_len))
+
+    def hidden_states(self, wav: torch.Tensor, wav_len: torch.Tensor):
         # Each embedding equals the utterance's batch-1 one (s3prl's evaluation), padding notwithstanding.
         alone = ALONE_ON_CPU and wav.device.type == "cpu"
         forward = batch1_upstream_forward if alone else exact_upstream_forward
-        hidden, hidden_len = forward(self.upstream, wav, wav_len, self.upstream_precision)
-        return self.model.embed(hidden, hidden_len)
+        return forward(self.upstream, wav, wav_len, self.upstream_precision)
+
+
+class SharedUpstreamEmbedder:
+    """Several checkpoints of one frozen upstream, embedded in one pass.
+
+    Their upstream computes the same hidden states for an utterance whatever the checkpoint (same weights, same
+    audio), so it runs once per utterance and each checkpoint's featurizer and downstream run on that output.
+    s3prl's stage 3 runs the upstream again for every checkpoint, and SUPERB's protocol scores all 20. The
+    embeddings come side by side, (B, sum of embed_dim), in the order of `embedders`.
+    """
+
+    def __init__(self, embedders: list[ModelEmbedder]):
+        self.embedders = embedders
+        self.model = embedders[0].model  # embed_all reads the device from it
+
+    @property
+    def min_samples(self) -> int:
+        return self.embedders[0].min_samples
+
+    @property
+    def embed_dim(self) -> int:
+        return sum(e.embed_dim for e in self.embedders)
+
+    @torch.inference_mode()
+    def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
+        hidden, hidden_len = self.embedders[0].hidden_states(wav, wav_len)
+        return torch.cat([e.model.embed(hidden, hidden_len) for e in self.embedders], dim=1)
 
 
 class Embedder(ModelEmbedder):
@@ -216,19 +245,43 @@ def embed_cached(
     desc: str = "embedding",
 ) -> dict[str, np.ndarray]:
     """{wav_path: embedding} for every (id, wav_path) in items, embedding only what the cache lacks."""
-    fingerprint = embedder.fingerprint(effects) if cache_file else ""
-    entries = load_cache(cache_file, fingerprint) if cache_file else {}
-    todo = list({p: (i, p) for i, p in items if p not in entries}.values())
+    return embed_checkpoints(
+        [embedder], items, lengths, [cache_file], effects, accelerator, max_frames, num_workers, desc
+    )[0]
+
+
+def embed_checkpoints(
+    embedders: list[Embedder],
+    items: list[tuple[str, str]],
+    lengths: dict[str, int],
+    cache_files: list[Path | None],
+    effects: bool,
+    accelerator: Accelerator | None = None,
+    max_frames: int = 400_000,
+    num_workers: int = 0,
+    desc: str = "embedding",
+) -> list[dict[str, np.ndarray]]:
+    """embed_cached for several checkpoints of one frozen upstream (the same upstream object and precision):
+    what any of their caches lacks is embedded in one pass (SharedUpstreamEmbedder), the upstream once."""
+    if len({(id(e.upstream), e.upstream_precision) for e in embedders}) != 1:
+        raise ValueError("embed_checkpoints needs checkpoints that share one upstream and its precision")
+    entries = [load_cache(f, e.fingerprint(effects)) if f else {} for e, f in zip(embedders, cache_files, strict=True)]
+    todo = list({p: (i, p) for i, p in items if any(p not in cached for cached in entries)}.values())
     if todo:
+        embedder = embedders[0] if len(embedders) == 1 else SharedUpstreamEmbedder(embedders)
         batches = length_sorted_batches([lengths[p] for _, p in todo], max_frames)
         dataset = EvalDataset(todo, effects=effects, min_samples=embedder.min_samples)
         emb = embed_all(embedder, dataset, batches, accelerator, num_workers, desc)
-        entries.update({p: (i, e) for (i, p), e in zip(todo, emb, strict=True)})
-        if cache_file and _is_main(accelerator):
-            save_cache(cache_file, fingerprint, entries)
+        start = 0
+        for e, cached, cache_file in zip(embedders, entries, cache_files, strict=True):
+            part = emb[:, start : start + e.embed_dim]
+            start += e.embed_dim
+            cached.update({p: (i, v) for (i, p), v in zip(todo, part, strict=True)})
+            if cache_file and _is_main(accelerator):
+                save_cache(cache_file, e.fingerprint(effects), cached)
         if accelerator is not None:
             accelerator.wait_for_everyone()
-    return {p: e for p, (_, e) in entries.items()}
+    return [{p: v for p, (_, v) in cached.items()} for cached in entries]
 
 
 def export_embeddings(path: Path, items: list[tuple[str, str]], vectors: dict[str, np.ndarray]) -> None:

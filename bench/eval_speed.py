@@ -11,8 +11,9 @@ Same data (the trial list's unique test utterances, raw audio as SuperbASV score
 (fbank, or any s3prl hub name with the same --upstream_ckpt), the same featurizer/x-vector weights in both
 models (ours are copied into s3prl's Featurizer, SuperbXvector and AM-softmax, whose parameter names
 match), 2 DataLoader workers each. s3prl runs its real stage 3 (`SuperbASV().run(start=3)`: batch 1,
-per-trial cosine loop); ours runs Embedder + length_sorted_batches + embed_all (length-sorted batches of
-at most --eval_max_frames samples) + cosine_scores + metrics. Each side's time covers building the model,
+per-trial cosine loop); ours runs Embedder + embed_checkpoints (length-sorted batches of at most
+--eval_max_frames samples) + trial_scores + metrics. With --checkpoints N, N checkpoints of one upstream
+(SUPERB scores every saved one): s3prl's stage 3 evaluates each in turn, ours embeds them in one pass. Each side's time covers building the model,
 reading the audio and scoring the trials; each side's model build is also timed on its own, and the
 steady-state rate leaves it out (it is paid once per checkpoint, whatever the list's size). Two floors on
 pre-loaded, pre-batched audio, in one pass: our model's forward, and the upstream's forward alone inside
@@ -66,11 +67,11 @@ from asv.config import TrainConfig, load_train_config, parse, save_config  # noq
 from asv.datasets import EvalDataset, collate_eval  # noqa: E402
 
 # Our evaluation machinery (asv/extract.py), imported in this one place.
-from asv.extract import ALONE_ON_CPU, Embedder, audio_lengths, embed_all, length_sorted_batches  # noqa: E402
+from asv.extract import ALONE_ON_CPU, Embedder, audio_lengths, embed_checkpoints, length_sorted_batches  # noqa: E402
 from asv.manifest import read_trials_csv, unique_utterances  # noqa: E402
 from asv.metrics import metrics  # noqa: E402
 from asv.models import build_speaker_model  # noqa: E402
-from asv.scoring import cosine_scores  # noqa: E402
+from asv.scoring import trial_scores  # noqa: E402
 from asv.upstream import build_upstream, upstream_forward  # noqa: E402
 
 WORKERS = 2  # DataLoader workers per side (--workers)
@@ -81,9 +82,11 @@ FBANK_TARGET_VS_S3PRL, FBANK_TARGET_VS_FLOOR = 1.6, 1.25
 EER_TOLERANCE = 0.01  # percentage points, for the same weights
 
 
-def our_checkpoint(work: Path, ckpt_dir: str | None, corpus: Corpus, upstream: str, upstream_ckpt: str | None):
+def our_checkpoint(
+    work: Path, ckpt_dir: str | None, corpus: Corpus, upstream: str, upstream_ckpt: str | None, seed: int = 0
+):
     """A checkpoint directory evaluate.py's Embedder reads (config.yaml + embedder.safetensors), and its
-    full state (with the AM-softmax head). Default: SUPERB's model on `upstream`, seeded random weights."""
+    full state (with the AM-softmax head). Default: SUPERB's model on `upstream`, random weights from `seed`."""
     if ckpt_dir:
         cfg = load_train_config(Path(ckpt_dir) / "config.yaml")
         state = load_file(Path(ckpt_dir) / "embedder.safetensors")
@@ -96,10 +99,11 @@ def our_checkpoint(work: Path, ckpt_dir: str | None, corpus: Corpus, upstream: s
         flags = ["--upstream", upstream, "--data_dir", str(corpus.data_dir)]
         cfg, _ = parse(TrainConfig, flags + (["--upstream_ckpt", str(upstream_ckpt)] if upstream_ckpt else []))
         num_classes = len(json.loads((corpus.data_dir / "speakers.json").read_text()))
-        torch.manual_seed(0)
-        model = build_speaker_model(cfg.model, cfg.loss, build_upstream(upstream, upstream_ckpt), num_classes)
+        frozen = build_upstream(upstream, upstream_ckpt)  # before seeding: loading it may draw random numbers
+        torch.manual_seed(seed)
+        model = build_speaker_model(cfg.model, cfg.loss, frozen, num_classes)
         state = model.state_dict()
-    out = work / "ours_ckpt"
+    out = work / ("ours_ckpt" if seed == 0 else f"ours_ckpt_{seed}")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("head.")}, out / "embedder.safetensors")
@@ -112,8 +116,8 @@ def s3prl_upstream(cfg: TrainConfig) -> dict:
     return up | (dict(path_or_url=str(cfg.model.upstream_ckpt)) if cfg.model.upstream_ckpt else {})
 
 
-def s3prl_checkpoint(problem: SuperbASV, target: Path, cfg: TrainConfig, state: dict) -> None:
-    """target/train/step_0 in s3prl's checkpoint format (model/ + task/), holding our weights."""
+def s3prl_checkpoint(problem: SuperbASV, target: Path, cfg: TrainConfig, state: dict, step: int = 0) -> None:
+    """target/train/step_<step> in s3prl's checkpoint format (model/ + task/), holding our weights."""
     with open(target / "spk2int.pkl", "rb") as f:
         encoder = pickle.load(f)
     m = cfg.model
@@ -142,24 +146,31 @@ def s3prl_checkpoint(problem: SuperbASV, target: Path, cfg: TrainConfig, state: 
     head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
     if head and head["W"].shape == task.loss.W.shape:
         task.loss.load_state_dict(head)
-    ckpt = target / "train" / "step_0"
+    ckpt = target / "train" / f"step_{step}"
     shutil.rmtree(ckpt, ignore_errors=True)
     problem.save_model({}, ckpt / "model", model_args, model)
     problem.save_task({}, ckpt / "task", task_args, task)
 
 
 def time_s3prl(
-    problem: SuperbASV, target: Path, cache: Path, root: Path, cfg: TrainConfig, device: str, workers: int
+    problem: SuperbASV,
+    target: Path,
+    cache: Path,
+    root: Path,
+    cfg: TrainConfig,
+    device: str,
+    workers: int,
+    checkpoints: int = 1,
 ) -> dict:
-    """Seconds (total, and of its model build alone) and EER % of s3prl's stage 3 (+ its trivial stage-4
-    report) on step_0, as main() would run it."""
+    """Seconds (total, and of its model builds alone) and EER % per checkpoint of s3prl's stage 3 (+ its
+    trivial stage-4 report) on step_0 .. step_<checkpoints - 1>, as main() would run it."""
     overrides = dict(
         target_dir=str(target),
         cache_dir=str(cache),
         start=3,
         device=device,
         num_workers=workers,
-        test_ckpt_steps=[0],
+        test_ckpt_steps=list(range(checkpoints)),
         prepare_data=dict(dataset_root=str(root)),
         build_upstream=s3prl_upstream(cfg),
     )
@@ -181,28 +192,30 @@ def time_s3prl(
         seconds = time.perf_counter() - t0
     finally:
         del problem.load_model_and_task
-    result = yaml.safe_load((target / "evaluate/test_trial/step_0/result.yaml").read_text())
-    return {"seconds": seconds, "build_seconds": sum(builds), "eer": 100.0 * result["EER"]}
+    eers = [
+        100.0 * yaml.safe_load((target / f"evaluate/test_trial/step_{k}/result.yaml").read_text())["EER"]
+        for k in range(checkpoints)
+    ]
+    return {"seconds": seconds, "build_seconds": sum(builds), "eer": eers[0], "eers": eers}
 
 
 def time_ours(
-    ckpt: Path, utts, trials, accelerator, max_frames: int, workers: int, precision: str | None = None
+    ckpts: list[Path], utts, trials, accelerator, max_frames: int, workers: int, precision: str | None = None
 ) -> dict:
-    """Seconds (total, and of building the Embedder alone) and EER % of our evaluation of one checkpoint:
-    what evaluate.py's main does per checkpoint. `precision` overrides the checkpoint's upstream precision."""
+    """Seconds (total, and of building the Embedders alone) and EER % per checkpoint of our evaluation of
+    `ckpts`: what evaluate.py's main does (its checkpoints of one frozen upstream embedded together, the
+    upstream once per utterance). `precision` overrides the checkpoints' upstream precision."""
     t0 = time.perf_counter()
-    embedder = Embedder(ckpt, accelerator.device, {})
-    if precision:
-        embedder.upstream_precision = precision
+    upstream_cache: dict = {}
+    embedders = [Embedder(ckpt, accelerator.device, upstream_cache) for ckpt in ckpts]
+    for embedder in embedders:
+        embedder.upstream_precision = precision or embedder.upstream_precision
     build = time.perf_counter() - t0
     lengths = audio_lengths([p for _, p in utts])
-    batches = length_sorted_batches([lengths[p] for _, p in utts], max_frames)
-    dataset = EvalDataset(utts, effects=False, min_samples=embedder.min_samples)
-    emb = embed_all(embedder, dataset, batches, accelerator, workers)
-    index = {p: i for i, (_, p) in enumerate(utts)}
-    scores = cosine_scores(emb[[index[t.wav_path1] for t in trials]], emb[[index[t.wav_path2] for t in trials]])
-    eer = metrics(scores, np.array([t.label for t in trials]))["eer"]
-    return {"seconds": time.perf_counter() - t0, "build_seconds": build, "eer": eer}
+    vectors = embed_checkpoints(embedders, utts, lengths, [None] * len(ckpts), False, accelerator, max_frames, workers)
+    labels = np.array([t.label for t in trials])
+    eers = [metrics(trial_scores(v, trials), labels)["eer"] for v in vectors]
+    return {"seconds": time.perf_counter() - t0, "build_seconds": build, "eer": eers[0], "eers": eers}
 
 
 def preload(ckpt: Path, utts, accelerator, max_frames: int):
@@ -217,9 +230,10 @@ def preload(ckpt: Path, utts, accelerator, max_frames: int):
 
 
 @torch.inference_mode()
-def time_floors(embedder, loaded) -> dict:
+def time_floors(embedder, loaded, models: list | None = None) -> dict:
     """Seconds of our model's forward over all pre-loaded test batches (no data loading at all), and of the
-    upstream's forward alone within it: ModelEmbedder.__call__ in its two parts."""
+    upstream's forward alone within it: ModelEmbedder.__call__ in its two parts (with `models`, the upstream
+    once and each model's featurizer + downstream on its output, as for several checkpoints)."""
     cuda = next(embedder.model.parameters()).device.type == "cuda"
     # The upstream's own forward, as ModelEmbedder runs it minus batch-exactness: on a CPU each utterance alone
     # (asv.extract.ALONE_ON_CPU), on a GPU the padded batch.
@@ -231,7 +245,8 @@ def time_floors(embedder, loaded) -> dict:
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        embedder.model.embed(hidden, hidden_len).float().cpu()
+        for model in models or [embedder.model]:
+            model.embed(hidden, hidden_len).float().cpu()
         model_s += time.perf_counter() - t0
         upstream_s += t1 - t0
     return {"model": model_s, "upstream": upstream_s}
@@ -270,8 +285,17 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--no_floor", action="store_true", help="skip the floors (pre-loaded forward passes)")
     parser.add_argument("--eval_max_frames", type=int, default=400_000, help="our batch budget (evaluate.py's)")
     parser.add_argument("--extra_precision", default=None, help="also time ours with this --upstream_precision")
+    parser.add_argument(
+        "--checkpoints",
+        type=int,
+        default=1,
+        help="evaluate this many checkpoints of the same upstream (random weights, seeds 0..N-1), as SUPERB's "
+        "protocol scores every saved one: s3prl's stage 3 runs the upstream per checkpoint, evaluate.py once",
+    )
     parser.add_argument("--json_out", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
+    if args.checkpoints > 1 and args.ckpt_dir:
+        parser.error("--checkpoints > 1 uses random weights; leave out --ckpt_dir")
     max_trials, repeats = (300, 1) if args.quick else (args.max_trials, args.repeats)
     corpus = CORPORA[args.corpus]
     work = WORK / ("eval_quick" if args.quick else "eval") / f"{corpus.name}-{args.upstream}"
@@ -294,14 +318,23 @@ def main(argv: list[str] | None = None) -> float:
     )
     utts = unique_utterances(trials)
     ckpt_dir = resolve_ckpt(args.ckpt_dir) if args.ckpt_dir else None
-    ckpt, cfg, state = our_checkpoint(work, ckpt_dir, corpus, args.upstream, args.upstream_ckpt)
     problem = SuperbASV()
-    s3prl_checkpoint(problem, target, cfg, state)
+    ckpts = []
+    for k in range(args.checkpoints):
+        ckpt, cfg, state = our_checkpoint(work, ckpt_dir, corpus, args.upstream, args.upstream_ckpt, seed=k)
+        s3prl_checkpoint(problem, target, cfg, state, step=k)
+        ckpts.append(ckpt)
+    ckpt = ckpts[0]
     up = cfg.model.upstream + (f" ({cfg.model.upstream_ckpt})" if cfg.model.upstream_ckpt else "")
     print(
         f"eval speed: {len(trials)} trials, {len(utts)} unique test utterances (raw audio, corpus {corpus.name}), "
         f"{up}, {'weights of ' + ckpt_dir if ckpt_dir else 'seeded random weights'} in both models; {args.device}; "
-        f"{args.workers} workers; s3prl batch 1, ours length-sorted batches of <= {args.eval_max_frames} samples",
+        f"{args.workers} workers; s3prl batch 1, ours length-sorted batches of <= {args.eval_max_frames} samples"
+        + (
+            f"; {args.checkpoints} checkpoints (utterances/s count each utterance once per checkpoint)"
+            if args.checkpoints > 1
+            else ""
+        ),
         flush=True,
     )
     for _, path in utts:  # neither side pays the first disk read
@@ -309,14 +342,15 @@ def main(argv: list[str] | None = None) -> float:
     accelerator = Accelerator(mixed_precision="no", cpu=args.device == "cpu")
     if not args.no_floor:
         embedder, loaded = preload(ckpt, utts, accelerator, args.eval_max_frames)
+        models = [Embedder(c, accelerator.device, {}).model for c in ckpts] if args.checkpoints > 1 else None
 
     runs: dict[str, list] = {"s3prl": [], "ours": [], "floor": []}
-    n = len(utts)
+    n = len(utts) * args.checkpoints
     for r in range(repeats):  # interleaved, so drifting background load hits all three alike
-        runs["s3prl"].append(time_s3prl(problem, target, cache, root, cfg, args.device, args.workers))
-        runs["ours"].append(time_ours(ckpt, utts, trials, accelerator, args.eval_max_frames, args.workers))
+        runs["s3prl"].append(time_s3prl(problem, target, cache, root, cfg, args.device, args.workers, args.checkpoints))
+        runs["ours"].append(time_ours(ckpts, utts, trials, accelerator, args.eval_max_frames, args.workers))
         if not args.no_floor:
-            runs["floor"].append(time_floors(embedder, loaded))
+            runs["floor"].append(time_floors(embedder, loaded, models))
         s3, ours = runs["s3prl"][-1], runs["ours"][-1]
         s3_run, our_run = s3["seconds"] - s3["build_seconds"], ours["seconds"] - ours["build_seconds"]
         floors = (
@@ -344,6 +378,7 @@ def main(argv: list[str] | None = None) -> float:
     out["ours"]["build_seconds"] = best("ours", "build_seconds")
     s3_eer, our_eer = runs["s3prl"][-1]["eer"], runs["ours"][-1]["eer"]
     out["s3prl"]["eer"], out["ours"]["eer"] = s3_eer, our_eer
+    out["s3prl"]["eers"], out["ours"]["eers"] = runs["s3prl"][-1]["eers"], runs["ours"][-1]["eers"]
     print(
         f"s3prl SuperbASV stage 3 : {out['s3prl']['utt_per_s']:6.2f} utterances/s steady "
         f"({out['s3prl']['utt_per_s_with_build']:.2f} with its {out['s3prl']['build_seconds']:.1f} s model build)  "
@@ -364,7 +399,7 @@ def main(argv: list[str] | None = None) -> float:
             f"{out['floor']['upstream_utt_per_s']:.2f} the upstream's forward alone"
         )
     if args.extra_precision:
-        extra = time_ours(ckpt, utts, trials, accelerator, args.eval_max_frames, args.workers, args.extra_precision)
+        extra = time_ours(ckpts, utts, trials, accelerator, args.eval_max_frames, args.workers, args.extra_precision)
         out[f"ours_{args.extra_precision}"] = {
             "utt_per_s": n / (extra["seconds"] - extra["build_seconds"]),
             "eer": extra["eer"],
@@ -373,7 +408,12 @@ def main(argv: list[str] | None = None) -> float:
             f"ours, upstream {args.extra_precision:<5}  : {out[f'ours_{args.extra_precision}']['utt_per_s']:6.2f} "
             f"utterances/s steady  EER {extra['eer']:.3f}% (one run)"
         )
-    gap = abs(s3_eer - our_eer)
+    gap = max(abs(a - b) for a, b in zip(out["s3prl"]["eers"], out["ours"]["eers"], strict=True))
+    if args.checkpoints > 1:
+        print(
+            "EER per checkpoint, s3prl / ours: "
+            + ", ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(out["s3prl"]["eers"], out["ours"]["eers"], strict=True))
+        )
     out["eer_difference"] = gap
     verdict = "match" if gap <= EER_TOLERANCE else "MISMATCH"
     print(f"EER difference {gap:.3f} points ({verdict}: tolerance {EER_TOLERANCE})")

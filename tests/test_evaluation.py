@@ -116,3 +116,32 @@ def test_pair_cli_and_python_api_agree(trained):
     emb = asv.embed([a, b, rows[1][2]], exp / "step-4")
     cached = np.load(exp / "evaluate" / "step-4" / "embeddings.npz")
     np.testing.assert_allclose(emb[0], cached["embeddings"][list(cached["paths"]).index(a)], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_of_one_frozen_upstream_share_its_forward(trained, monkeypatch):
+    # evaluate.py embeds a run's checkpoints together: the upstream runs once per batch for all of them, and
+    # each checkpoint's embeddings are the ones it gets alone (the same hidden states through the same weights).
+    import asv.extract
+    from asv.extract import Embedder, audio_lengths, embed_cached, embed_checkpoints
+    from asv.manifest import read_trials_csv, unique_utterances
+
+    data, exp = trained
+    items = unique_utterances(read_trials_csv(data / "trials" / "demo_test.csv"))
+    lengths = audio_lengths([p for _, p in items])
+    calls = []
+    hidden_states = asv.extract.ModelEmbedder.hidden_states
+    monkeypatch.setattr(
+        asv.extract.ModelEmbedder, "hidden_states", lambda self, *a: calls.append(1) or hidden_states(self, *a)
+    )
+    cache: dict = {}
+    embedders = [Embedder(exp / f"step-{s}", "cpu", cache) for s in (2, 4)]
+    assert embedders[0].upstream is embedders[1].upstream
+    joint = embed_checkpoints(embedders, items, lengths, [None, None], False, max_frames=100_000)
+    together = len(calls)
+    alone = [embed_cached(e, items, lengths, None, False, max_frames=100_000) for e in embedders]
+    assert len(calls) == 3 * together and together > 1  # one pass for both, then one pass each
+    for j, a in zip(joint, alone, strict=True):
+        assert j.keys() == a.keys() == {p for _, p in items}
+        for p in a:
+            np.testing.assert_array_equal(j[p], a[p])
+    assert not np.array_equal(joint[0][items[0][1]], joint[1][items[0][1]])  # two different checkpoints
