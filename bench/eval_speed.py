@@ -13,9 +13,10 @@ models (ours are copied into s3prl's Featurizer, SuperbXvector and AM-softmax, w
 match), 2 DataLoader workers each. s3prl runs its real stage 3 (`SuperbASV().run(start=3)`: batch 1,
 per-trial cosine loop); ours runs Embedder + embed_checkpoints (length-sorted batches of at most
 --eval_max_frames samples) + trial_scores + metrics. With --checkpoints N, N checkpoints of one upstream
-(SUPERB scores every saved one): s3prl's stage 3 evaluates each in turn, ours embeds them in one pass. Each side's time covers building the model,
-reading the audio and scoring the trials; each side's model build is also timed on its own, and the
-steady-state rate leaves it out (it is paid once per checkpoint, whatever the list's size). Two floors on
+(SUPERB scores every saved one): s3prl's stage 3 evaluates each in turn, ours embeds them in one pass.
+Each side's time covers building the model, reading the audio and scoring the trials; each side's model
+build is also timed on its own, and the steady-state rate leaves it out (it is paid once per checkpoint,
+whatever the list's size). Two floors on
 pre-loaded, pre-batched audio, in one pass: our model's forward, and the upstream's forward alone inside
 it. Both EERs are printed (same weights: they must agree within 0.01 point). Last line:
 `ratio=<ours/s3prl>` (steady-state utterances/s).
