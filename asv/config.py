@@ -204,7 +204,7 @@ class RunConfig(_Checked):
     upstream_precision: str = choice("fp32", "bf16", "fp16", default="fp32")
     # On a CPU, run a frozen wav2vec 2.0 / HuBERT / WavLM (20 M+ parameters) over each utterance of a padded
     # batch without the padding, giving it the padding's statistics: the same features as the padded batch
-    # (asv/padding_trim.py), a 1.26-1.31x faster upstream forward on VoxCeleb-like and demo batches. GPUs and
+    # (asv/padding_trim.py), a 1.31-1.43x faster upstream forward on demo and VoxCeleb-like batches. GPUs and
     # smaller models run the padded batch.
     trim_padding: bool = True
     # torch.compile the featurizer + downstream + head (inductor, dynamic shapes). Opt-in: compiling
