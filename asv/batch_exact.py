@@ -246,8 +246,7 @@ def _baseline_plan(expert) -> Plan:
 
 
 def _conv_stack(extractor: nn.Module) -> tuple[list[tuple[int, int]], list[tuple[nn.Module, int]], list] | str:
-    """(kernel, stride) per conv layer, the group norms among them, and the modules covered (the first conv
-    first); or why not."""
+    """(kernel, stride) per conv layer, the group norms among them, and the modules covered; or why not."""
     convs, norms, covered = [], [], []
     for i, block in enumerate(extractor.conv_layers):
         conv = [m for m in block.modules() if isinstance(m, nn.Conv1d)]
@@ -255,7 +254,7 @@ def _conv_stack(extractor: nn.Module) -> tuple[list[tuple[int, int]], list[tuple
             return f"conv layer {i} is not one unpadded, undilated Conv1d"
         convs.append((conv[0].kernel_size[0], conv[0].stride[0]))
         norms += [(m, i) for m in block.modules() if isinstance(m, nn.GroupNorm)]
-        covered += conv + [m for m in block.modules() if isinstance(m, TIME_MIXING) and m is not conv[0]]
+        covered += [m for m in block.modules() if isinstance(m, TIME_MIXING)]
     return convs, norms, covered
 
 
@@ -301,7 +300,8 @@ def _fairseq_plan(expert) -> Plan:
         return Plan(False, why)
     # wav2vec 2.0 already derives its frame mask from the conv arithmetic; HuBERT and WavLM chunk the sample mask.
     mask_model = model if hasattr(model, "forward_padding_mask") else None
-    return Plan(True, convs=convs, group_norms=norms, mask_model=mask_model, fairseq_model=model, first_conv=covered[0])
+    first_conv = next(m for m in model.feature_extractor.conv_layers[0].modules() if isinstance(m, nn.Conv1d))
+    return Plan(True, convs=convs, group_norms=norms, mask_model=mask_model, fairseq_model=model, first_conv=first_conv)
 
 
 def _hf_plan(expert) -> Plan:

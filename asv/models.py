@@ -72,11 +72,14 @@ def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     n = lengths.clamp(min=1).to(x.dtype)[:, None]
     mean = (x * mask).sum(1) / n
     var = (((x - mean[:, None]) * mask) ** 2).sum(1) / (n - 1).clamp(min=1)
-    # ReLU features often have zero variance (dead units); sqrt'(0) is infinite, so route those
-    # entries through a constant to get a zero gradient there, as torch.std's backward does.
+    return torch.cat([mean, _std(var)], dim=-1)
+
+
+def _std(var: torch.Tensor) -> torch.Tensor:
+    """sqrt(var) with a zero gradient where var is 0. ReLU features often have zero variance (dead units), and
+    sqrt'(0) is infinite, so those entries go through a constant, as torch.std's backward does."""
     positive = var > 0
-    std = torch.where(positive, var, torch.ones_like(var)).sqrt() * positive
-    return torch.cat([mean, std], dim=-1)
+    return torch.where(positive, var, torch.ones_like(var)).sqrt() * positive
 
 
 def segment_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -85,9 +88,7 @@ def segment_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     n = lengths.clamp(min=1).to(x.dtype)[:, None]
     mean = x.new_zeros(len(lengths), x.size(1)).index_add_(0, segment, x) / n
     var = x.new_zeros(len(lengths), x.size(1)).index_add_(0, segment, (x - mean[segment]) ** 2) / (n - 1).clamp(min=1)
-    positive = var > 0
-    std = torch.where(positive, var, torch.ones_like(var)).sqrt() * positive
-    return torch.cat([mean, std], dim=-1)
+    return torch.cat([mean, _std(var)], dim=-1)
 
 
 # The x-vector packs a batch's valid frames (SuperbXvector._packed) when at least this share of its frames is padding.

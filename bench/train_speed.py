@@ -26,6 +26,7 @@ import shutil
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,7 @@ from asv.config import TrainConfig, parse  # noqa: E402
 from asv.datasets import EpochSampler, collate_train, load_train_set  # noqa: E402
 from asv.manifest import TRAIN_FIELDS, Utterance, read_train_csv, write_csv  # noqa: E402
 from asv.models import build_speaker_model  # noqa: E402
-from asv.padding_trim import trimmable, trimmed_upstream_forward  # noqa: E402
-from asv.upstream import build_upstream, trainable_inputs, upstream_forward  # noqa: E402
+from asv.upstream import build_upstream, upstream_features, upstream_forward  # noqa: E402
 
 BATCH_SIZE, WORKERS = 10, 2
 # Issue 11's targets on a 2-core CPU with a real-size upstream: >= 1.1x s3prl, and our update within 1.15x of
@@ -223,14 +223,13 @@ def floor_rates(setup: Setup, first_update: int, updates: int, warmup: int = 2) 
     step_seconds = upstream_seconds = padded_seconds = 0.0
     for i, (wav, wav_len, labels) in enumerate(warm + batches):  # the warm-up batches untimed
         wav, wav_len, labels = wav.to(device), wav_len.to(device), labels.to(device)
-        # train.py's upstream forward (asv.upstream.upstream_features): without the padding where it can.
-        forward = trimmed_upstream_forward if trimmable(upstream, wav, wav_len) else upstream_forward
         sync()
         t0 = time.perf_counter()
-        hidden, hidden_len = forward(upstream, wav, wav_len)
+        # train.py's own upstream call (frozen, fp32): without the padding where asv.padding_trim can.
+        hidden, hidden_len = upstream_features(upstream, wav, wav_len, False, nullcontext())
         sync()
         t1 = time.perf_counter()
-        loss, _ = model(*trainable_inputs(hidden, hidden_len), labels)
+        loss, _ = model(hidden, hidden_len, labels)
         (loss / acc).backward()
         if (i + 1) % acc == 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.gradient_clipping)
@@ -240,8 +239,8 @@ def floor_rates(setup: Setup, first_update: int, updates: int, warmup: int = 2) 
         if i >= len(warm):
             step_seconds += time.perf_counter() - t0
             upstream_seconds += t1 - t0
-    # Then what the padded batch's forward (s3prl's) costs on the same batches: a pass of its own, as
-    # so that its larger buffers do not share the allocator and caches with the timed steps.
+    # Then what the padded batch's forward (s3prl's) costs on the same batches: a pass of its own, so that
+    # its larger buffers do not share the allocator and caches with the timed steps.
     for wav, wav_len, _ in batches:
         wav, wav_len = wav.to(device), wav_len.to(device)
         sync()
