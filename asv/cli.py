@@ -104,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load(args, accelerator=None):
     from asv.api import load_model
+    from asv.hostmem import retain_freed_memory_on
 
     device = args.device or (str(accelerator.device) if accelerator else None)
-    return load_model(args.model, device, args.upstream_ckpt, args.test_effects)
+    model = load_model(args.model, device, args.upstream_ckpt, args.test_effects)
+    retain_freed_memory_on(next(model.embedder.model.parameters()).device)  # asv/hostmem.py
+    return model
 
 
 def _accelerator():
