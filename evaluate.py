@@ -37,6 +37,7 @@ from asv.calibration import Calibration, fit_calibration
 from asv.config import EvalConfig, load_train_config, parse
 from asv.errors import AsvError, CheckpointError, ConfigError, ManifestError, describe
 from asv.extract import Embedder, audio_lengths, embed_cached, embed_checkpoints, export_embeddings
+from asv.hostmem import retain_freed_memory_on
 from asv.manifest import (
     DEV_LIST,
     Trial,
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         layout, training_set = EvalLayout.of_run(exp_dir, cfg.out_dir), describe_training_set(data_dir)
         mode = wandb_mode(cfg.wandb_mode)
         accelerator = Accelerator(log_with=None if mode == "disabled" else "wandb", mixed_precision="no")
+        retain_freed_memory_on(accelerator.device)  # a CPU reuses each utterance's activations' memory
         config = {"exp_dir": str(exp_dir), "trials": list(trials), "asnorm": cfg.asnorm}
         start_tracking(accelerator, "superb-asv", config, exp_dir, mode, f"{exp_dir.name}-eval", False, job_type="eval")
         accelerator.print(
@@ -158,6 +160,8 @@ def checkpoint_embeddings(cfg: EvalConfig, ckpts, items, lengths, layout: EvalLa
             cfg.eval_max_frames,
             cfg.num_workers,
             desc,
+            cfg.engine,
+            cfg.onnx_cache_dir,
         )
         joint.update({s: (e, effects, v) for s, e, v in zip(steps, embedders, vectors, strict=True)})
     for step, ckpt in ckpts:

@@ -20,6 +20,7 @@ import yaml
 from simple_parsing import ArgumentParser, DashVariant, choice
 
 from asv.corpora import CORPORA
+from asv.engines import DEFAULT_ONNX_CACHE, ENGINES
 from asv.errors import ConfigError, one_line
 from asv.losses import LOSSES
 from asv.models import DOWNSTREAMS
@@ -207,6 +208,11 @@ class RunConfig(_Checked):
     # (asv/padding_trim.py), a 1.31-1.43x faster upstream forward on demo and VoxCeleb-like batches. GPUs and
     # smaller models run the padded batch.
     trim_padding: bool = True
+    # Run the frozen upstream's forward of this many batches at a time as one (e.g. 5, the accumulation), with
+    # each batch's own padding statistics and masks: the same features as one forward per batch (asv/padding_trim.py),
+    # in a larger batch that keeps a GPU busier. Opt-in until measured on a GPU; falls back to one forward per batch
+    # when the joint one runs out of memory. CPUs trim the padding instead (--trim_padding).
+    upstream_batches: int = 1
     # torch.compile the featurizer + downstream + head (inductor, dynamic shapes). Opt-in: compiling
     # takes minutes and pays off only on long GPU runs.
     compile: bool = False
@@ -246,6 +252,13 @@ class TrainConfig(_Checked):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.run.upstream_batches < 1:
+            raise ConfigError(f"--upstream_batches {self.run.upstream_batches}: give 1 (one forward per batch) or more")
+        if self.model.upstream_trainable and self.run.upstream_batches > 1:
+            raise ConfigError(
+                "--upstream_batches applies to a frozen upstream; a fine-tuned one runs its forward with each batch's "
+                "backward (leave --upstream_batches 1)"
+            )
         if self.model.upstream_trainable and self.run.upstream_precision != "fp32":
             raise ConfigError(
                 f"--upstream_precision {self.run.upstream_precision} applies to a frozen upstream; to fine-tune it in "
@@ -333,8 +346,15 @@ class EvalConfig(_Checked):
     # most this much audio (400,000 = 25 s at 16 kHz; raise it on GPUs; 1 = one utterance at a time, as s3prl).
     # Padding never changes an embedding: the upstream runs batch-exact (asv/batch_exact.py).
     eval_max_frames: int = 400_000
-    # DataLoader worker processes.
-    num_workers: int = 2
+    # What runs the frozen upstream's forward (asv/engines.py): auto | torch | onnxruntime. auto takes onnxruntime
+    # on a CPU for a wav2vec 2.0 / HuBERT / WavLM in fp32 (the same hidden states to float order, 1.2-1.5x faster
+    # here) when its graph is cached or the audio to embed is >= 30 min (the one-time export then pays); else torch.
+    engine: str = choice(*ENGINES, default="auto")
+    # Where exported upstream graphs are kept (one file per upstream, about 4 bytes per parameter).
+    onnx_cache_dir: str = DEFAULT_ONNX_CACHE
+    # DataLoader worker processes reading test audio (default: 2 on GPUs; none on a CPU, where reading costs a
+    # hundredth of the forward and a forked worker makes the embedding process copy each heap page it writes again).
+    num_workers: int | None = None
     # Reuse and write step-<N>/embeddings.npz (false: always re-embed, write nothing).
     cache: bool = True
     # Also write the scored utterances' embeddings to DIR/step-<N>.npz (ids, paths, embeddings).

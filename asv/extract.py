@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,11 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from asv.audio import load_audio
+from asv.audio import SAMPLE_RATE, load_audio
 from asv.batch_exact import batch1_upstream_forward, exact_upstream_forward
 from asv.config import load_train_config
 from asv.datasets import RERUN_PREPARE, EvalDataset, collate_eval, length_buckets
+from asv.engines import DEFAULT_ONNX_CACHE
 from asv.errors import BadAudioError, one_line
 from asv.models import XVECTOR_LENGTH_REDUCTION, build_speaker_model
 from asv.progress import progress
@@ -43,11 +45,20 @@ from asv.upstream import build_upstream
 # Base, 60 demo test utterances in length-sorted batches, 2-core Xeon). GPUs run the batch-exact padded batch.
 ALONE_ON_CPU = True
 
+# On a CPU the test audio is read in the embedding process itself unless --num_workers asks for workers. A
+# DataLoader worker is a fork of that process, and after a fork every heap page the embedding writes is copied once
+# more (the pages are shared copy-on-write), while reading a file costs ~1 ms raw, ~7 ms with the test effects,
+# against ~0.8 s of a Base model's forward per utterance (bench/README.md, "Host memory"). GPUs keep 2 workers.
+EVAL_WORKERS = {"cpu": 0}
+DEFAULT_EVAL_WORKERS = 2
+
 CACHE_VERSION = 2  # 2: batch-exact upstream (asv/batch_exact.py); older caches hold padded-batch embeddings
 
 
 class ModelEmbedder:
     """Whole utterances -> embeddings through an upstream and a SpeakerModel (e.g. the one training)."""
+
+    onnx = None  # an asv.engines.OnnxUpstream running the upstream on a CPU, where use_engine chose one
 
     def __init__(self, upstream, model, upstream_precision: str = "fp32"):
         self.upstream, self.model, self.upstream_precision = upstream, model, upstream_precision
@@ -70,6 +81,8 @@ class ModelEmbedder:
     def hidden_states(self, wav: torch.Tensor, wav_len: torch.Tensor):
         # Each embedding equals the utterance's batch-1 one (s3prl's evaluation), padding notwithstanding.
         alone = ALONE_ON_CPU and wav.device.type == "cpu"
+        if alone and self.onnx is not None and int(wav_len.min()) >= self.onnx.min_samples:
+            return self.onnx.forward(wav, wav_len)
         forward = batch1_upstream_forward if alone else exact_upstream_forward
         return forward(self.upstream, wav, wav_len, self.upstream_precision)
 
@@ -164,20 +177,29 @@ def length_sorted_batches(lengths: list[int], max_frames: int) -> list[list[int]
     return [batches[i] for i in np.random.default_rng(0).permutation(len(batches))]
 
 
+def eval_workers(requested: int | None, device) -> int:
+    """DataLoader workers for embedding on `device`: `requested`, or by default EVAL_WORKERS' choice."""
+    if requested is not None:
+        return requested
+    return EVAL_WORKERS.get(getattr(device, "type", str(device)), DEFAULT_EVAL_WORKERS)
+
+
 def embed_all(
     embedder: Embedder,
     dataset: EvalDataset,
     batches: list[list[int]],
     accelerator: Accelerator | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     desc: str = "embedding",
 ) -> np.ndarray:
-    """(N, E) embeddings in dataset order, each whole utterance once, batch by batch.
+    """(N, E) embeddings in dataset order, each whole utterance once, batch by batch; `num_workers` None is
+    eval_workers' default for the device.
 
     With an accelerator, batches are dealt to processes with split_between_processes (no padding, so
     no duplicates) and the results gathered as objects on every rank.
     """
     device = accelerator.device if accelerator else next(embedder.model.parameters()).device
+    num_workers = eval_workers(num_workers, device)
     out = np.zeros((len(dataset), embedder.embed_dim), dtype=np.float32)
 
     def run(my_batches) -> list:
@@ -241,7 +263,7 @@ def embed_cached(
     effects: bool,
     accelerator: Accelerator | None = None,
     max_frames: int = 400_000,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     desc: str = "embedding",
 ) -> dict[str, np.ndarray]:
     """{wav_path: embedding} for every (id, wav_path) in items, embedding only what the cache lacks."""
@@ -258,15 +280,22 @@ def embed_checkpoints(
     effects: bool,
     accelerator: Accelerator | None = None,
     max_frames: int = 400_000,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     desc: str = "embedding",
+    engine: str | None = None,
+    onnx_cache_dir: str = DEFAULT_ONNX_CACHE,
 ) -> list[dict[str, np.ndarray]]:
     """embed_cached for several checkpoints of one frozen upstream (the same upstream object and precision):
-    what any of their caches lacks is embedded in one pass (SharedUpstreamEmbedder), the upstream once."""
+    what any of their caches lacks is embedded in one pass (SharedUpstreamEmbedder), the upstream once. With an
+    `engine` (--engine), the upstream runs on what asv.engines chooses for that much audio (use_engine); None
+    leaves the first embedder's as it is (PyTorch unless use_engine set another)."""
     if len({(id(e.upstream), e.upstream_precision) for e in embedders}) != 1:
         raise ValueError("embed_checkpoints needs checkpoints that share one upstream and its precision")
     entries = [load_cache(f, e.fingerprint(effects)) if f else {} for e, f in zip(embedders, cache_files, strict=True)]
     todo = list({p: (i, p) for i, p in items if any(p not in cached for cached in entries)}.values())
+    if todo and engine is not None:
+        audio_seconds = sum(lengths[p] for _, p in todo) / SAMPLE_RATE
+        use_engine(embedders[0], engine, audio_seconds, onnx_cache_dir, accelerator)
     if todo:
         embedder = embedders[0] if len(embedders) == 1 else SharedUpstreamEmbedder(embedders)
         batches = length_sorted_batches([lengths[p] for _, p in todo], max_frames)
@@ -282,6 +311,23 @@ def embed_checkpoints(
         if accelerator is not None:
             accelerator.wait_for_everyone()
     return [{p: v for p, (_, v) in cached.items()} for cached in entries]
+
+
+def use_engine(embedder: ModelEmbedder, engine: str, audio_seconds: float, cache_dir: str, accelerator=None) -> str:
+    """Run `embedder`'s upstream on the engine asv.engines.choose picks (onnxruntime: the cached graph, exported
+    first by the main process if need be); says which and why in one line. Returns the engine's name."""
+    from asv.engines import choose, onnx_upstream
+
+    device = next(embedder.model.parameters()).device
+    name, why = choose(engine, embedder.upstream, device, embedder.upstream_precision, audio_seconds, cache_dir)
+    say = print if _is_main(accelerator) else (lambda *a, **k: None)
+    if name == "onnxruntime" and embedder.onnx is None:
+        with accelerator.main_process_first() if accelerator is not None else nullcontext():
+            embedder.onnx = onnx_upstream(embedder.upstream, embedder.min_samples, cache_dir, say)
+    elif name == "torch":
+        embedder.onnx = None
+    say(f"upstream forward: {name} ({why})", flush=True)
+    return name
 
 
 def export_embeddings(path: Path, items: list[tuple[str, str]], vectors: dict[str, np.ndarray]) -> None:

@@ -56,18 +56,18 @@ def _require_onnx():
         ) from None
 
 
-class OnnxGraph(torch.nn.Module):
-    """What the ONNX graph computes: S3PRLUpstream.forward + Featurizer + downstream for one unpadded utterance,
-    written with shapes only (no data-dependent branches), so torch.export keeps T symbolic."""
+class UpstreamGraph(torch.nn.Module):
+    """S3PRLUpstream.forward for one unpadded utterance, written with shapes only (no data-dependent branches), so
+    torch.export keeps T symbolic: wav (1, T) -> its hidden states stacked, (L, 1, T', D)."""
 
-    def __init__(self, upstream, model):
+    def __init__(self, upstream):
         super().__init__()
-        self.upstream, self.featurizer, self.downstream = upstream, model.featurizer, model.downstream
+        self.upstream = upstream
 
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:  # (1, T) -> (1, E)
+    def states(self, wav: torch.Tensor) -> list[torch.Tensor]:
         n_samples = wav.shape[1]
         hidden = self.upstream.upstream([wav[0]])["hidden_states"]
-        states, lengths = [], []
+        states = []
         for h, stride in zip(hidden, self.upstream.downsample_rates, strict=True):
             # S3PRLUpstream: every state is cut or edge-padded to len(range(0, T, stride)) frames, all valid.
             n = (n_samples - 1) // stride + 1
@@ -77,7 +77,22 @@ class OnnxGraph(torch.nn.Module):
             if self.upstream.normalize:
                 h = F.layer_norm(h, h.shape[-1:])
             states.append(h)
-            lengths.append(torch.full((1,), n, dtype=torch.long))
+        return states
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.states(wav))
+
+
+class OnnxGraph(torch.nn.Module):
+    """What the embedder's ONNX graph computes: UpstreamGraph's states + Featurizer + downstream, one utterance."""
+
+    def __init__(self, upstream, model):
+        super().__init__()
+        self.upstream, self.featurizer, self.downstream = UpstreamGraph(upstream), model.featurizer, model.downstream
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:  # (1, T) -> (1, E)
+        states = self.upstream.states(wav)
+        length = torch.full((1,), states[0].shape[1], dtype=torch.long)  # every frame is valid
         f = self.featurizer
         if len(states) == 1:
             x = states[0]
@@ -88,7 +103,7 @@ class OnnxGraph(torch.nn.Module):
             layers, *shape = stacked.shape
             weights = F.softmax(f.weights, dim=-1).unsqueeze(-1)
             x = (weights * stacked.reshape(layers, -1)).sum(dim=0).view(*shape)
-        return self.downstream(x, lengths[0])
+        return self.downstream(x, length)
 
 
 @contextlib.contextmanager
@@ -186,19 +201,57 @@ def export_onnx(model_dir: str | Path, device: str = "cpu", opset: int | None = 
 
 def export_embedder(embedder, path: Path, opset: int | None = None) -> dict:
     """Trace a ModelEmbedder (upstream + SpeakerModel) into an ONNX file; returns its input/output contract."""
+    # Tracing leaves the upstream's hooks unusable, so trace a copy and keep the caller's model intact.
+    upstream = _copy_upstream(embedder.upstream)
+    graph = OnnxGraph(upstream, embedder.model).eval()
+    device = next(embedder.model.parameters()).device
+    lo, hi, opset = _export(graph, upstream, device, embedder.min_samples, path, "speaker_embedding", opset)
+    return {
+        "file": Path(path).name,
+        "input": "wav: float32 (1, T), 16 kHz mono in [-1, 1], one utterance",
+        "output": f"speaker_embedding: float32 (1, {embedder.embed_dim})",
+        # torch.export may raise the minimum it was given (shape guards of the traced ops): shorter audio is
+        # wrap-padded to this length instead of the PyTorch embedder's min_samples.
+        "min_samples": lo,
+        "max_samples": hi,
+        "opset": opset,
+    }
+
+
+def export_upstream(upstream, path: Path, min_samples: int, opset: int | None = None) -> tuple[int, int]:
+    """Trace a frozen upstream alone (UpstreamGraph: wav (1, T) -> hidden_states (L, 1, T', D)) into an ONNX file;
+    returns the (min, max) input length it accepts."""
+    graph = UpstreamGraph(_copy_upstream(upstream)).eval()
+    device = next(upstream.parameters()).device
+    lo, hi, _ = _export(graph, graph.upstream, device, min_samples, path, "hidden_states", opset)
+    return lo, hi
+
+
+def _export(graph, upstream, device, min_samples: int, path: Path, output: str, opset: int | None):
+    """torch.export of `graph` (over `upstream`, made traceable) with the time axis dynamic, then the ONNX file;
+    returns (min, max) input length and the opset."""
     _require_onnx()
     # The exporter logs a warning per torchvision operator it cannot register (none is used here) and torch's
     # pytree a deprecation warning while tracing: noise on every export.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    example = torch.randn(1, 3 * SAMPLE_RATE, device=device)
+    time_axis = torch.export.Dim.AUTO(min=min_samples, max=MAX_SECONDS * SAMPLE_RATE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        program, example, (lo, hi) = _trace(embedder)
+        with traceable(upstream), torch.no_grad():
+            try:
+                program = torch.export.export(graph, (example,), dynamic_shapes=({1: time_axis},), strict=False)
+            except Exception as err:  # torch.export's errors are pages long; the first line names the construct
+                raise UpstreamError(f"torch.export cannot trace this model for ONNX ({one_line(err)})") from None
+        lo, hi = _time_range(program)
+        if lo is None or hi <= lo:
+            raise UpstreamError("torch.export fixed the input length of this model to one value: not exportable")
         onnx_program = torch.onnx.export(
             program,
             (example,),
             dynamo=True,
             input_names=["wav"],
-            output_names=["speaker_embedding"],
+            output_names=[output],
             opset_version=opset,
             verbose=False,
         )
@@ -210,36 +263,7 @@ def export_embedder(embedder, path: Path, opset: int | None = None) -> dict:
     proto = onnx_program.model_proto
     del proto.graph.value_info[:]
     onnx.save(proto, str(path))
-    return {
-        "file": Path(path).name,
-        "input": "wav: float32 (1, T), 16 kHz mono in [-1, 1], one utterance",
-        "output": f"speaker_embedding: float32 (1, {embedder.embed_dim})",
-        # torch.export may raise the minimum it was given (shape guards of the traced ops): shorter audio is
-        # wrap-padded to this length instead of the PyTorch embedder's min_samples.
-        "min_samples": lo,
-        "max_samples": hi,
-        "opset": proto.opset_import[0].version,
-    }
-
-
-def _trace(embedder):
-    """torch.export of OnnxGraph with the time axis dynamic: the program, its example input and the range of
-    input lengths it kept."""
-    # Tracing leaves the upstream's hooks unusable, so trace a copy and keep the caller's model intact.
-    upstream = _copy_upstream(embedder.upstream)
-    graph = OnnxGraph(upstream, embedder.model).eval()
-    device = next(embedder.model.parameters()).device
-    example = torch.randn(1, 3 * SAMPLE_RATE, device=device)
-    time_axis = torch.export.Dim.AUTO(min=embedder.min_samples, max=MAX_SECONDS * SAMPLE_RATE)
-    with traceable(upstream), torch.no_grad():
-        try:
-            program = torch.export.export(graph, (example,), dynamic_shapes=({1: time_axis},), strict=False)
-        except Exception as err:  # torch.export's errors are pages long; the first line names the construct
-            raise UpstreamError(f"torch.export cannot trace this model for ONNX ({one_line(err)})") from None
-    lo, hi = _time_range(program)
-    if lo is None or hi <= lo:
-        raise UpstreamError("torch.export fixed the input length of this model to one value: not exportable")
-    return program, example, (lo, hi)
+    return lo, hi, proto.opset_import[0].version
 
 
 def _copy_upstream(upstream):

@@ -1,4 +1,4 @@
-"""Evaluation speed, side by side in one process: s3prl's own SuperbASV stage 3 vs our evaluate.py machinery.
+"""Evaluation speed, side by side: s3prl's own SuperbASV stage 3 vs our evaluate.py machinery, each in its own process.
 
     make bench                                        # setup + both benches (fbank)
     .venv-bench/bin/python -m bench.eval_speed         # this one (a few minutes on fbank)
@@ -10,16 +10,17 @@
 Same data (the trial list's unique test utterances, raw audio as SuperbASV scores them), same upstream
 (fbank, or any s3prl hub name with the same --upstream_ckpt), the same featurizer/x-vector weights in both
 models (ours are copied into s3prl's Featurizer, SuperbXvector and AM-softmax, whose parameter names
-match), 2 DataLoader workers each. s3prl runs its real stage 3 (`SuperbASV().run(start=3)`: batch 1,
-per-trial cosine loop); ours runs Embedder + embed_checkpoints (length-sorted batches of at most
---eval_max_frames samples) + trial_scores + metrics. With --checkpoints N, N checkpoints of one upstream
-(SUPERB scores every saved one): s3prl's stage 3 evaluates each in turn, ours embeds them in one pass.
-Each side's time covers building the model, reading the audio and scoring the trials; each side's model
-build is also timed on its own, and the steady-state rate leaves it out (it is paid once per checkpoint,
-whatever the list's size). Two floors on
-pre-loaded, pre-batched audio, in one pass: our model's forward, and the upstream's forward alone inside
-it. Both EERs are printed (same weights: they must agree within 0.01 point). Last line:
-`ratio=<ours/s3prl>` (steady-state utterances/s).
+match). s3prl runs its real stage 3 (`SuperbASV().run(start=3)`: batch 1, per-trial cosine loop, 2 DataLoader
+workers by default); ours runs Embedder + embed_checkpoints (length-sorted batches of at most --eval_max_frames
+samples, evaluate.py's workers and allocator settings for the device) + trial_scores + metrics. Each run of each
+side is a fresh child process (`--child`), so one side's process settings and memory never reach the other's.
+With --checkpoints N, N checkpoints of one upstream (SUPERB scores every saved one): s3prl's stage 3 evaluates
+each in turn, ours embeds them in one pass. Each side's time covers building the model, reading the audio and
+scoring the trials; each side's model build is also timed on its own, and the steady-state rate leaves it out
+(it is paid once per checkpoint, whatever the list's size). Two floors on pre-loaded, pre-batched audio, in one
+pass in our child after its timed run: our model's forward, and the upstream's forward alone inside it. Both
+EERs are printed (same weights: they must agree within 0.01 point). Last line: `ratio=<ours/s3prl>`
+(steady-state utterances/s).
 """
 
 from __future__ import annotations
@@ -66,21 +67,39 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from asv.batch_exact import batch1_upstream_forward  # noqa: E402
 from asv.config import TrainConfig, load_train_config, parse, save_config  # noqa: E402
 from asv.datasets import EvalDataset, collate_eval  # noqa: E402
+from asv.engines import ENGINES, cached, exportable  # noqa: E402
 
 # Our evaluation machinery (asv/extract.py), imported in this one place.
-from asv.extract import ALONE_ON_CPU, Embedder, audio_lengths, embed_checkpoints, length_sorted_batches  # noqa: E402
+from asv.extract import (  # noqa: E402
+    ALONE_ON_CPU,
+    Embedder,
+    audio_lengths,
+    embed_checkpoints,
+    eval_workers,
+    length_sorted_batches,
+    use_engine,
+)
+from asv.hostmem import retain_freed_memory_on  # noqa: E402
 from asv.manifest import read_trials_csv, unique_utterances  # noqa: E402
 from asv.metrics import metrics  # noqa: E402
 from asv.models import build_speaker_model  # noqa: E402
 from asv.scoring import trial_scores  # noqa: E402
 from asv.upstream import build_upstream, upstream_forward  # noqa: E402
 
-WORKERS = 2  # DataLoader workers per side (--workers)
+# s3prl's DataLoader workers (--s3prl_workers; its own default is 6, more processes than this bench's 2 cores).
+# Ours default to evaluate.py's own choice per device (asv.extract.eval_workers).
+S3PRL_WORKERS = 2
+# Ours embeds on the engine evaluate.py's --engine auto picks for a VoxCeleb1 test list (4,874 utterances, 11.2 h):
+# the bench's subsets are shorter than the audio auto wants before it exports a graph.
+VOXCELEB1_TEST_SECONDS = 11.2 * 3600
 # Issue 11's targets on a 2-core CPU with a real-size upstream: >= 1.3x s3prl, within 1.15x of the upstream
 # forward alone. (fbank, issue 4: >= 1.6x s3prl, within 1.25x of our model's forward.)
 TARGET_VS_S3PRL, TARGET_VS_UPSTREAM = 1.3, 1.15
 FBANK_TARGET_VS_S3PRL, FBANK_TARGET_VS_FLOOR = 1.6, 1.25
 EER_TOLERANCE = 0.01  # percentage points, for the same weights
+# Cosine scores of the same weights on both sides: float rounding of embeddings that agree to cosine 0.99999
+# (asv/batch_exact.py's bound) moves a score by at most ~1e-5.
+SCORE_TOLERANCE = 1e-5
 
 
 def our_checkpoint(
@@ -201,27 +220,44 @@ def time_s3prl(
 
 
 def time_ours(
-    ckpts: list[Path], utts, trials, accelerator, max_frames: int, workers: int, precision: str | None = None
+    ckpts: list[Path],
+    utts,
+    trials,
+    accelerator,
+    max_frames: int,
+    workers: int,
+    engine: str,
+    onnx_cache_dir: str,
+    precision: str | None = None,
 ) -> dict:
     """Seconds (total, and of building the Embedders alone) and EER % per checkpoint of our evaluation of
     `ckpts`: what evaluate.py's main does (its checkpoints of one frozen upstream embedded together, the
-    upstream once per utterance). `precision` overrides the checkpoints' upstream precision."""
+    upstream once per utterance) with --engine `engine`, chosen as for a VoxCeleb1 test list (the bench's subset
+    is shorter: auto would keep torch for it until the graph is cached). The build includes loading the cached
+    ONNX graph (never its export: ours_child exports first). `precision` overrides the checkpoints' upstream
+    precision."""
     t0 = time.perf_counter()
     upstream_cache: dict = {}
     embedders = [Embedder(ckpt, accelerator.device, upstream_cache) for ckpt in ckpts]
     for embedder in embedders:
         embedder.upstream_precision = precision or embedder.upstream_precision
+    used = use_engine(embedders[0], engine, VOXCELEB1_TEST_SECONDS, onnx_cache_dir, accelerator)
     build = time.perf_counter() - t0
     lengths = audio_lengths([p for _, p in utts])
     vectors = embed_checkpoints(embedders, utts, lengths, [None] * len(ckpts), False, accelerator, max_frames, workers)
     labels = np.array([t.label for t in trials])
-    eers = [metrics(trial_scores(v, trials), labels)["eer"] for v in vectors]
-    return {"seconds": time.perf_counter() - t0, "build_seconds": build, "eer": eers[0], "eers": eers}
+    scores = [trial_scores(v, trials) for v in vectors]
+    eers = [metrics(x, labels)["eer"] for x in scores]
+    seconds = time.perf_counter() - t0
+    scores = [[float(x) for x in v] for v in scores]
+    return {"seconds": seconds, "build_seconds": build, "eer": eers[0], "eers": eers, "engine": used, "scores": scores}
 
 
-def preload(ckpt: Path, utts, accelerator, max_frames: int):
-    """(embedder, batches) for the floors: every test utterance read and collated in our batches up front."""
+def preload(ckpt: Path, utts, accelerator, max_frames: int, engine: str, onnx_cache_dir: str):
+    """(embedder, batches) for the floors: every test utterance read and collated in our batches up front, the
+    embedder's upstream on the engine time_ours ran."""
     embedder = Embedder(ckpt, accelerator.device, {})
+    use_engine(embedder, engine, VOXCELEB1_TEST_SECONDS, onnx_cache_dir, accelerator)
     dataset = EvalDataset(utts, effects=False, min_samples=embedder.min_samples)
     lengths = audio_lengths([p for _, p in utts])
     batches = length_sorted_batches([lengths[p] for _, p in utts], max_frames)
@@ -234,15 +270,20 @@ def preload(ckpt: Path, utts, accelerator, max_frames: int):
 def time_floors(embedder, loaded, models: list | None = None) -> dict:
     """Seconds of our model's forward over all pre-loaded test batches (no data loading at all), and of the
     upstream's forward alone within it: ModelEmbedder.__call__ in its two parts (with `models`, the upstream
-    once and each model's featurizer + downstream on its output, as for several checkpoints)."""
+    once and each model's featurizer + downstream on its output, as for several checkpoints). Where the upstream
+    ran on onnxruntime, also PyTorch's forward of it alone (`upstream_torch`: s3prl's computation)."""
     cuda = next(embedder.model.parameters()).device.type == "cuda"
     # The upstream's own forward, as ModelEmbedder runs it minus batch-exactness: on a CPU each utterance alone
     # (asv.extract.ALONE_ON_CPU), on a GPU the padded batch.
-    forward = upstream_forward if cuda or not ALONE_ON_CPU else batch1_upstream_forward
-    model_s = upstream_s = 0.0
+    torch_forward = upstream_forward if cuda or not ALONE_ON_CPU else batch1_upstream_forward
+    onnx = embedder.onnx
+    model_s = upstream_s = torch_s = 0.0
     for _, wav, wav_len in loaded:
         t0 = time.perf_counter()
-        hidden, hidden_len = forward(embedder.upstream, wav, wav_len, embedder.upstream_precision)
+        if onnx is not None:
+            hidden, hidden_len = onnx.forward(wav, wav_len)
+        else:
+            hidden, hidden_len = torch_forward(embedder.upstream, wav, wav_len, embedder.upstream_precision)
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -250,7 +291,29 @@ def time_floors(embedder, loaded, models: list | None = None) -> dict:
             model.embed(hidden, hidden_len).float().cpu()
         model_s += time.perf_counter() - t0
         upstream_s += t1 - t0
-    return {"model": model_s, "upstream": upstream_s}
+        if onnx is not None:
+            t2 = time.perf_counter()
+            torch_forward(embedder.upstream, wav, wav_len, embedder.upstream_precision)
+            torch_s += time.perf_counter() - t2
+    return {"model": model_s, "upstream": upstream_s} | ({"upstream_torch": torch_s} if onnx is not None else {})
+
+
+def score_differences(s3prl_scores, our_scores, trials, target: Path) -> tuple[float, float]:
+    """(largest |s3prl - ours| over every trial and checkpoint, smallest gap between two of s3prl's scores of one
+    checkpoint): s3prl's scores come in its test_trial.csv's order, whose wav paths link to the same files."""
+    import csv
+
+    def key(a, b) -> tuple[str, str]:
+        return str((ROOT / a).resolve()), str((ROOT / b).resolve())
+
+    ours_at = {key(t.wav_path1, t.wav_path2): i for i, t in enumerate(trials)}
+    with open(target / "test_trial.csv") as f:
+        order = [ours_at[key(r["wav_path1"], r["wav_path2"])] for r in csv.DictReader(f)]
+    delta = 0.0
+    for s3, ours in zip(s3prl_scores, our_scores, strict=True):
+        delta = max(delta, max(abs(a - ours[i]) for a, i in zip(s3, order, strict=True)))
+    closest = min(float(np.diff(np.sort(s3)).min()) for s3 in s3prl_scores)
+    return delta, closest
 
 
 def relative_to_test_wav(path: str, corpus: Corpus) -> str:
@@ -271,6 +334,68 @@ def resolve_ckpt(path: str) -> str:
     return str(ckpts[-1][1])
 
 
+def s3prl_child(spec: dict) -> dict:
+    """One timed run of s3prl's stage 3, in a process of its own: as `python -m s3prl.main SuperbASV --start 3`
+    runs it (s3prl's own process, DataLoader and allocator settings)."""
+    import s3prl.task.speaker_verification_task as sv
+
+    cfg = load_train_config(Path(spec["ckpts"][0]) / "config.yaml")
+    target, cache, root = (Path(spec[k]) for k in ("target", "cache", "root"))
+    scores, compute_eer = [], sv.compute_eer
+
+    def recording(labels, trial_scores):  # its test_reduction scores the trials, in test_trial.csv's order
+        scores.append([float(x) for x in trial_scores])
+        return compute_eer(labels, trial_scores)
+
+    sv.compute_eer = recording
+    out = time_s3prl(SuperbASV(), target, cache, root, cfg, spec["device"], spec["s3prl_workers"], len(spec["ckpts"]))
+    return out | {"scores": scores}
+
+
+def ours_child(spec: dict) -> dict:
+    """One timed run of ours in a process of its own, set up as evaluate.py's main sets up its process, then (in
+    the same process, so under the same settings) the floors and the extra precision. An ONNX graph the engine
+    needs is exported (or found in the cache) before anything is timed: `export_seconds`, paid once per upstream."""
+    utts, trials = spec_items(spec)
+    ckpts = [Path(c) for c in spec["ckpts"]]
+    accelerator = Accelerator(mixed_precision="no", cpu=spec["device"] == "cpu")
+    retain_freed_memory_on(accelerator.device)  # evaluate.py's main does this right after its Accelerator
+    engine, cache, frames, workers = spec["engine"], spec["onnx_cache_dir"], spec["eval_max_frames"], spec["workers"]
+    t0 = time.perf_counter()
+    first = Embedder(ckpts[0], accelerator.device, {})
+    was_cached = cached(first.upstream, cache) if exportable(first.upstream) is None else None
+    use_engine(first, engine, VOXCELEB1_TEST_SECONDS, cache, accelerator)
+    out = {"export_seconds": time.perf_counter() - t0, "graph_was_cached": was_cached}
+    del first
+    out["ours"] = time_ours(ckpts, utts, trials, accelerator, frames, workers, engine, cache)
+    if spec["floor"]:
+        embedder, loaded = preload(ckpts[0], utts, accelerator, frames, engine, cache)
+        models = [Embedder(c, accelerator.device, {}).model for c in ckpts] if len(ckpts) > 1 else None
+        out["floor"] = time_floors(embedder, loaded, models)
+    if spec["extra_precision"]:
+        extra = spec["extra_precision"]
+        out["extra"] = time_ours(ckpts, utts, trials, accelerator, frames, workers, engine, cache, extra)
+    return out
+
+
+def spec_items(spec: dict):
+    """(unique utterances, trials) of the spec's trial selection, read as the parent read them."""
+    corpus = CORPORA[spec["corpus"]]
+    trials = read_trials_csv(corpus.data_dir / "trials" / f"{corpus.trial_list}.csv")[: spec["max_trials"]]
+    trials = select_trials(trials, spec["max_utts"])
+    return unique_utterances(trials), trials
+
+
+def run_side(side: str, spec_file: Path, work: Path, r: int) -> dict:
+    """bench.eval_speed --child SIDE in a fresh process (each side's process settings are its own: our evaluate.py
+    tunes its allocator on a CPU, s3prl does not); its figures come back through a JSON file."""
+    out = work / f"{side}_run{r}.json"
+    out.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "bench.eval_speed", "--child", side, "--spec", str(spec_file)]
+    run_child(args + ["--child_out", str(out)], work / f"{side}_run{r}.log")
+    return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 trials, one repetition")
@@ -282,7 +407,17 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--max_trials", type=int, default=None, help="the first N trials of the list")
     parser.add_argument("--max_utts", type=int, default=None, help="trials (in list order) over at most N utterances")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (both sides and the floors)")
-    parser.add_argument("--workers", type=int, default=WORKERS, help="DataLoader workers, both sides")
+    parser.add_argument("--s3prl_workers", type=int, default=S3PRL_WORKERS, help="s3prl's DataLoader workers")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="our DataLoader workers (default: evaluate.py's, per device)"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=list(ENGINES),
+        default="auto",
+        help="our --engine, chosen as for a VoxCeleb1 test list (auto: onnxruntime for an SSL upstream on a CPU)",
+    )
+    parser.add_argument("--onnx_cache_dir", default=str(WORK / "onnx_cache"), help="our --onnx_cache_dir")
     parser.add_argument("--no_floor", action="store_true", help="skip the floors (pre-loaded forward passes)")
     parser.add_argument("--eval_max_frames", type=int, default=400_000, help="our batch budget (evaluate.py's)")
     parser.add_argument("--extra_precision", default=None, help="also time ours with this --upstream_precision")
@@ -294,7 +429,15 @@ def main(argv: list[str] | None = None) -> float:
         "protocol scores every saved one: s3prl's stage 3 runs the upstream per checkpoint, evaluate.py once",
     )
     parser.add_argument("--json_out", default=None, help="also write every figure to this JSON file")
+    parser.add_argument("--child", choices=["s3prl", "ours"], help=argparse.SUPPRESS)  # one side, in its process
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--child_out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(Path(args.spec).read_text())
+        result = (s3prl_child if args.child == "s3prl" else ours_child)(spec)
+        Path(args.child_out).write_text(json.dumps(result))
+        return 0.0
     if args.checkpoints > 1 and args.ckpt_dir:
         parser.error("--checkpoints > 1 uses random weights; leave out --ckpt_dir")
     max_trials, repeats = (300, 1) if args.quick else (args.max_trials, args.repeats)
@@ -305,8 +448,8 @@ def main(argv: list[str] | None = None) -> float:
     print(machine_banner())
     load = LoadMonitor()
     prepare_corpus(corpus)
-    trials = read_trials_csv(corpus.data_dir / "trials" / f"{corpus.trial_list}.csv")[:max_trials]
-    trials = select_trials(trials, args.max_utts)
+    spec = dict(corpus=corpus.name, max_trials=max_trials, max_utts=args.max_utts)
+    utts, trials = spec_items(spec)
     pairs = {(relative_to_test_wav(t.wav_path1, corpus), relative_to_test_wav(t.wav_path2, corpus)) for t in trials}
     root, cache = s3prl_view(work, corpus=corpus, pairs=pairs)
     target = work / "s3prl"
@@ -317,7 +460,6 @@ def main(argv: list[str] | None = None) -> float:
         + ["--device", "cpu", "--stop", "1"],
         work / "s3prl_prepare.log",
     )
-    utts = unique_utterances(trials)
     ckpt_dir = resolve_ckpt(args.ckpt_dir) if args.ckpt_dir else None
     problem = SuperbASV()
     ckpts = []
@@ -325,12 +467,15 @@ def main(argv: list[str] | None = None) -> float:
         ckpt, cfg, state = our_checkpoint(work, ckpt_dir, corpus, args.upstream, args.upstream_ckpt, seed=k)
         s3prl_checkpoint(problem, target, cfg, state, step=k)
         ckpts.append(ckpt)
-    ckpt = ckpts[0]
     up = cfg.model.upstream + (f" ({cfg.model.upstream_ckpt})" if cfg.model.upstream_ckpt else "")
+    ours_workers = eval_workers(args.workers, torch.device(args.device))
     print(
         f"eval speed: {len(trials)} trials, {len(utts)} unique test utterances (raw audio, corpus {corpus.name}), "
         f"{up}, {'weights of ' + ckpt_dir if ckpt_dir else 'seeded random weights'} in both models; {args.device}; "
-        f"{args.workers} workers; s3prl batch 1, ours length-sorted batches of <= {args.eval_max_frames} samples"
+        f"s3prl batch 1 with {args.s3prl_workers} DataLoader workers, ours length-sorted batches of <= "
+        f"{args.eval_max_frames} samples with {ours_workers} (evaluate.py's "
+        + ("default" if args.workers is None else "--num_workers")
+        + "); each side in a process of its own"
         + (
             f"; {args.checkpoints} checkpoints (utterances/s count each utterance once per checkpoint)"
             if args.checkpoints > 1
@@ -340,18 +485,38 @@ def main(argv: list[str] | None = None) -> float:
     )
     for _, path in utts:  # neither side pays the first disk read
         Path(path).read_bytes()
-    accelerator = Accelerator(mixed_precision="no", cpu=args.device == "cpu")
-    if not args.no_floor:
-        embedder, loaded = preload(ckpt, utts, accelerator, args.eval_max_frames)
-        models = [Embedder(c, accelerator.device, {}).model for c in ckpts] if args.checkpoints > 1 else None
+    spec |= dict(
+        ckpts=[str(c) for c in ckpts],
+        target=str(target),
+        cache=str(cache),
+        root=str(root),
+        device=args.device,
+        s3prl_workers=args.s3prl_workers,
+        workers=ours_workers,
+        eval_max_frames=args.eval_max_frames,
+        floor=not args.no_floor,
+        extra_precision=None,
+        engine=args.engine,
+        onnx_cache_dir=args.onnx_cache_dir,
+    )
+    spec_file = work / "spec.json"
+    spec_file.write_text(json.dumps(spec, indent=1))
 
     runs: dict[str, list] = {"s3prl": [], "ours": [], "floor": []}
     n = len(utts) * args.checkpoints
+    extra = None
     for r in range(repeats):  # interleaved, so drifting background load hits all three alike
-        runs["s3prl"].append(time_s3prl(problem, target, cache, root, cfg, args.device, args.workers, args.checkpoints))
-        runs["ours"].append(time_ours(ckpts, utts, trials, accelerator, args.eval_max_frames, args.workers))
-        if not args.no_floor:
-            runs["floor"].append(time_floors(embedder, loaded, models))
+        runs["s3prl"].append(run_side("s3prl", spec_file, work, r))
+        if r == repeats - 1 and args.extra_precision:  # the last of our children also times the extra precision
+            spec_file.write_text(json.dumps(spec | dict(extra_precision=args.extra_precision), indent=1))
+        mine = run_side("ours", spec_file, work, r)
+        extra = mine.get("extra", extra)
+        if r == 0 and mine["ours"]["engine"] != "torch":
+            how = "loaded from the cache" if mine["graph_was_cached"] else "exported (once per upstream and machine)"
+            print(f"  ours: upstream on {mine['ours']['engine']}; ONNX graph {how} in {mine['export_seconds']:.1f} s")
+        runs["ours"].append(mine["ours"])
+        if "floor" in mine:
+            runs["floor"].append(mine["floor"])
         s3, ours = runs["s3prl"][-1], runs["ours"][-1]
         s3_run, our_run = s3["seconds"] - s3["build_seconds"], ours["seconds"] - ours["build_seconds"]
         floors = (
@@ -397,10 +562,15 @@ def main(argv: list[str] | None = None) -> float:
         }
         print(
             f"floors (pre-loaded)     : {out['floor']['model_utt_per_s']:6.2f} utterances/s our model's forward, "
-            f"{out['floor']['upstream_utt_per_s']:.2f} the upstream's forward alone"
+            f"{out['floor']['upstream_utt_per_s']:.2f} the upstream's forward alone ({runs['ours'][-1]['engine']})"
         )
-    if args.extra_precision:
-        extra = time_ours(ckpts, utts, trials, accelerator, args.eval_max_frames, args.workers, args.extra_precision)
+        if "upstream_torch" in runs["floor"][-1]:
+            out["floor"]["upstream_torch_utt_per_s"] = n / best("floor", "upstream_torch")
+            print(
+                f"                          {out['floor']['upstream_torch_utt_per_s']:6.2f} utterances/s the "
+                "upstream's PyTorch forward alone (s3prl's computation, in our process)"
+            )
+    if extra is not None:
         out[f"ours_{args.extra_precision}"] = {
             "utt_per_s": n / (extra["seconds"] - extra["build_seconds"]),
             "eer": extra["eer"],
@@ -416,8 +586,22 @@ def main(argv: list[str] | None = None) -> float:
             + ", ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(out["s3prl"]["eers"], out["ours"]["eers"], strict=True))
         )
     out["eer_difference"] = gap
-    verdict = "match" if gap <= EER_TOLERANCE else "MISMATCH"
-    print(f"EER difference {gap:.3f} points ({verdict}: tolerance {EER_TOLERANCE})")
+    # The embeddings' own check: every trial's score on both sides, matched by its two files.
+    delta, closest = score_differences(runs["s3prl"][-1]["scores"], runs["ours"][-1]["scores"], trials, target)
+    out["max_score_difference"], out["closest_scores"] = delta, closest
+    if gap <= EER_TOLERANCE:
+        verdict = "match"
+    elif delta <= SCORE_TOLERANCE:
+        # An EER moves only when a target and a non-target score swap order: with these scores that needs no more
+        # than the float rounding above (random weights score every trial alike).
+        verdict = f"match: a tie flipped (scores {closest:.1e} apart, within the {delta:.1e} rounding)"
+    else:
+        verdict = "MISMATCH"
+    print(
+        f"scores: max |s3prl - ours| {delta:.2e} over {len(trials)} trials x {args.checkpoints} checkpoint(s) "
+        f"(tolerance {SCORE_TOLERANCE:g}); closest two trial scores {closest:.1e}"
+    )
+    print(f"EER difference {gap:.3f} points ({verdict}; tolerance {EER_TOLERANCE})")
     ratio = out["ours"]["utt_per_s"] / out["s3prl"]["utt_per_s"]
     fbank = cfg.model.upstream == "fbank"
     print(f"ours/s3prl {ratio:.2f}x steady-state (target >= {FBANK_TARGET_VS_S3PRL if fbank else TARGET_VS_S3PRL}x)")

@@ -48,6 +48,14 @@ def test_train_help_lists_every_default_config_field():
     assert "Drop training utterances" in out.stdout
 
 
+@pytest.mark.parametrize("script", ["prepare.py", "evaluate.py"])
+def test_other_scripts_print_their_help(script):
+    # argparse formats each field's comment with %: a bare % in one breaks --help for the whole script.
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--" in out.stdout and "Traceback" not in out.stderr
+
+
 def test_defaults_are_the_superb_recipe():
     cfg = TrainConfig()
     assert (cfg.data.min_secs, cfg.data.max_secs, cfg.data.batch_size) == (2.0, 8.0, 10)
