@@ -31,6 +31,7 @@ from asv.augment import build_augmenter
 from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
 from asv.datasets import EpochSampler, TrainDataset, collate_train, load_train_set
 from asv.errors import AsvError, describe
+from asv.hostmem import retain_freed_memory_on
 from asv.manifest import DEV_LIST, Trial, read_trials_csv
 from asv.models import SpeakerModel, build_speaker_model
 from asv.optim import build_optimizer_and_scheduler, gradient_accumulation
@@ -48,7 +49,7 @@ from asv.rundir import (
     verify_checkpoint,
 )
 from asv.tracking import JsonLog, start_tracking, wandb_mode
-from asv.training import Preemption, RunningStats, dev_eer, train_step, unreadable_files
+from asv.training import Preemption, RunningStats, dev_eer, train_step, unreadable_files, upstream_groups
 from asv.upstream import (
     WEIGHT_FREE,
     build_upstream,
@@ -92,6 +93,7 @@ def train(cfg: TrainConfig) -> Path:
         log_with=None if mode == "disabled" else "wandb",
         project_dir=str(exp_dir),
     )
+    retain_freed_memory_on(accelerator.device)  # a CPU reuses each update's activations' memory (asv/hostmem.py)
     if cfg.run.mixed_precision == "bf16" and accelerator.device.type == "cpu":
         accelerator.print("warning: bf16 on a CPU is about 100x slower than fp32 here; use --mixed_precision no")
     set_seed(cfg.run.seed)
@@ -139,7 +141,12 @@ def train(cfg: TrainConfig) -> Path:
     while state.step < cfg.run.total_steps:
         loader.set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for batch in batches:
+        # --upstream_batches N: the frozen upstream's forward of N batches at a time runs as one (features = None:
+        # train_step computes the batch's own).
+        n, device = 1 if finetune else cfg.run.upstream_batches, accelerator.device
+        for batch, features in upstream_groups(
+            batches, upstream, n, device, upstream_precision, cfg.run.upstream_precision, cfg.run.trim_padding
+        ):
             state.batch_in_epoch += 1
             head.set_step(state.step)
             try:
@@ -156,6 +163,7 @@ def train(cfg: TrainConfig) -> Path:
                     stats,
                     cfg.run.upstream_precision,
                     cfg.run.trim_padding,
+                    features,
                 )
             except torch.OutOfMemoryError:
                 # s3prl's OOM check is inverted and never fires; here the batch is dropped and counted.
@@ -167,7 +175,7 @@ def train(cfg: TrainConfig) -> Path:
                 optimizer.zero_grad()
                 torch.cuda.empty_cache()
                 stats.out_of_memory()
-                stats.check(state.step)
+                stats.check(state.step, due=True)
                 continue  # not an update: the step counter only counts real ones
             stats.check(state.step)
             if not accelerator.sync_gradients:
@@ -176,6 +184,7 @@ def train(cfg: TrainConfig) -> Path:
             bar.update()
 
             if state.step % cfg.run.log_step == 0 or state.step == cfg.run.total_steps:
+                stats.check(state.step, due=True)  # on a GPU the skip guard reads its counters here
                 lr = optimizer.param_groups[0]["lr"]
                 weights = accelerator.unwrap_model(model).layer_weights()
                 record = stats.record(
@@ -191,7 +200,7 @@ def train(cfg: TrainConfig) -> Path:
             if state.step % cfg.run.save_step == 0 or state.step == cfg.run.total_steps:
                 checkpoint()
                 last_saved = state.step
-            if preemption.requested(accelerator):
+            if preemption.requested(accelerator, state.step):
                 if last_saved != state.step:
                     checkpoint()
                 bar.write(
@@ -254,7 +263,8 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed, augment
     )
     model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=len(speakers))
-    optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, model, upstream if finetune else None)
+    fused = accelerator.device.type == "cuda"
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, model, upstream if finetune else None, fused)
     workers = cfg.data.num_workers
     loader = DataLoader(
         dataset,
@@ -266,7 +276,8 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
         pin_memory=accelerator.device.type == "cuda",
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # The loader's batches stay on the host: train_step copies them without blocking and keeps their lengths there.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader, device_placement=[True, True, False])
     if finetune:  # a frozen upstream stays outside DDP and outside the checkpoints
         upstream = accelerator.prepare(upstream)
     if scheduler is not None:

@@ -17,6 +17,10 @@ with the group norm given the silence frames it does not compute and the mask co
 numbers as its row of the padded batch, up to float summation order (tests/test_padding_trim.py; the s3prl
 parity test trains through it). On a CPU, where one utterance costs as much per second of audio as a batch
 does, that is the padding's compute saved; on a GPU the padded batch is what runs fast, so it stays.
+
+The same accounting lets several padded batches run as one (grouped_upstream_forward, --upstream_batches): on a GPU
+one large batch keeps the device busier than the accumulation's several small ones, and each batch still gets
+the features of its own padded forward.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from contextlib import ExitStack
 import torch
 import torch.nn.functional as F
 
-from asv.batch_exact import MIN_SAMPLES, Plan, conv_lengths, plan_for, shadow
+from asv.batch_exact import MIN_SAMPLES, Plan, _group_norm_per_utterance, conv_lengths, plan_for, shadow
 from asv.upstream import upstream_forward
 
 # Per-utterance calls cost a few ms each in Python and kernel set-up: a real-size model (95 M+ parameters, ~0.1 s
@@ -129,3 +133,61 @@ def _group_norm_with_silence(gn, first_conv, frames: int, x: torch.Tensor) -> to
 
 def _given_mask(mask: torch.Tensor, features: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     return mask[:, : features.size(1)]
+
+
+def groupable(upstream, batches) -> bool:
+    """Whether grouped_upstream_forward applies: a fairseq-style wav2vec 2.0 / HuBERT / WavLM whose every
+    frame-mixing layer asv.batch_exact accounts for, and batches no shorter than the minimum S3PRLUpstream
+    zero-extends a batch to (it would then count the zeros as samples)."""
+    plan = plan_for(upstream, announce=False)
+    long_enough = all(int(n.max()) >= MIN_SAMPLES for _, n in batches)
+    return plan.exact and plan.fairseq_model is not None and long_enough and len(batches) > 1
+
+
+@torch.inference_mode()
+def grouped_upstream_forward(upstream, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32"):
+    """[(hidden, hidden_len)] per batch: what `upstream_forward(upstream, wav, wav_len, precision)` returns for each
+    (wav, wav_len) of `batches`, from one forward over all their utterances (on a GPU one large batch keeps it
+    busier than several small ones). Call only where `groupable` says so.
+
+    Each batch's width W (its longest utterance, to which s3prl's expert pads it) reaches its features in the
+    ways listed at the top of this module, and in one more: S3PRLUpstream cuts or extends the model's frames to
+    len(range(0, W, stride)), repeating the last one. In the joint forward, padded to the widest batch, each row's
+    group norm runs over the conv frames of its own batch's W (the same silence frames past its samples), its
+    frame mask is the one its batch computes at W, and its frames past its batch's last model frame repeat that
+    frame; everything else only mixes frames through masked attention and the zeroed positional convolution."""
+    module = getattr(upstream, "module", upstream)
+    plan = plan_for(module, announce=False)
+    widths = [int(wav_len.max()) for _, wav_len in batches]
+    width = max(widths)
+    wav = torch.cat([F.pad(w[:, : int(n.max())], (0, width - int(n.max()))) for w, n in batches])
+    wav_len = torch.cat([n for _, n in batches])
+    row_width = torch.cat([torch.full_like(n, w) for (_, n), w in zip(batches, widths, strict=True)])
+    model_frames = conv_lengths(row_width, plan.convs)  # per row: the frames its own batch's model computes
+    with ExitStack() as undo:
+        for gn, layer in plan.group_norms:
+            valid = conv_lengths(row_width, plan.convs[: layer + 1])  # on the host: read per row
+            undo.enter_context(shadow(gn, "forward", functools.partial(_group_norm_per_utterance, gn, valid)))
+        if plan.mask_model is not None:
+            frames = int(conv_lengths(torch.tensor(width), plan.convs))
+            masks = [
+                _frame_mask(plan, n, w, int(conv_lengths(torch.tensor(w), plan.convs)))
+                for (_, n), w in zip(batches, widths, strict=True)
+            ]
+            mask = torch.cat([F.pad(m, (0, frames - m.size(1)), value=True) for m in masks]).to(wav.device)
+            undo.enter_context(shadow(plan.mask_model, "forward_padding_mask", functools.partial(_given_mask, mask)))
+        hidden, _ = upstream_forward(module, wav, wav_len, precision)
+    out, start = [], 0
+    for (_, n), w, last in zip(batches, widths, _split(model_frames, batches), strict=True):
+        rows = slice(start, start + len(n))
+        start += len(n)
+        h_len = torch.div(n - 1, module.downsample_rates[0], rounding_mode="floor") + 1
+        t = min(int(h_len.max()), len(range(0, w, module.downsample_rates[0])))
+        src = torch.minimum(torch.arange(t), last[:, None] - 1).to(wav.device)  # (B, t): repeat the last frame
+        hs = [h[rows].gather(1, src[..., None].expand(-1, -1, h.size(-1))) for h in hidden]
+        out.append((hs, [h_len.clone() for _ in hs]))
+    return out
+
+
+def _split(values: torch.Tensor, batches) -> list[torch.Tensor]:
+    return list(values.split([len(n) for _, n in batches]))

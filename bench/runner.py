@@ -10,9 +10,9 @@ time.monotonic() to FILE, so both sides' update rates are measured the same way 
 data-loading stalls, as a user sees them, and exclude start-up and the first-run caches).
 With BENCH_SHAPE_LOG=FILE, every upstream forward (s3prl's S3PRLUpstream, which both sides use) appends
 `batch padded_samples`, so both sides' padded audio per update can be compared (ours logs the padded batch
-that asv.padding_trim computes without its padding, once). With BENCH_CUDA_MEM=FILE,
-the process writes its peak CUDA memory (allocated and reserved bytes, JSON) there when it exits. With
-BENCH_UPSTREAM_LOG=FILE, our script's training-step upstream forward appends `start end` per call.
+that asv.padding_trim computes without its padding, once, and each batch of a joint forward as its own). With
+BENCH_CUDA_MEM=FILE, the process writes its peak CUDA memory (allocated and reserved bytes, JSON) there when it
+exits. With BENCH_UPSTREAM_LOG=FILE, our script's training-step upstream forward appends `start end` per call.
 """
 
 from __future__ import annotations
@@ -68,6 +68,19 @@ def record_upstream_batches(path: str, ours: bool) -> None:
             inside_trim[0] = False
 
     padding_trim.trimmed_upstream_forward = logged_trim
+    grouped = padding_trim.grouped_upstream_forward
+
+    def logged_group(upstream, batches, *args, **kwargs):
+        # Each batch of the joint forward as the padded batch it stands for (the joint one itself unlogged).
+        for wav, wav_len in batches:
+            log.write(f"{wav.size(0)} {int(wav_len.max())}\n")
+        inside_trim[0] = True
+        try:
+            return grouped(upstream, batches, *args, **kwargs)
+        finally:
+            inside_trim[0] = False
+
+    padding_trim.grouped_upstream_forward = logged_group
 
 
 def record_upstream_time(path: str) -> None:
@@ -88,6 +101,19 @@ def record_upstream_time(path: str) -> None:
         return out
 
     asv.upstream.upstream_features = timed
+    from asv import padding_trim  # --upstream_batches: the joint forward stands for its batches' calls
+
+    grouped = padding_trim.grouped_upstream_forward
+
+    def timed_group(*args, **kwargs):
+        start = time.monotonic()
+        out = grouped(*args, **kwargs)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        log.write(f"{start:.6f} {time.monotonic():.6f}\n")
+        return out
+
+    padding_trim.grouped_upstream_forward = timed_group
 
 
 def record_cuda_peak(path: str) -> None:

@@ -62,7 +62,8 @@ BATCH_SIZE, WORKERS = 10, 2
 # the upstream forward alone. (fbank, issue 4: >= 1.8x s3prl, within 1.25x of the step floor.)
 TARGET_VS_S3PRL, TARGET_VS_UPSTREAM = 1.1, 1.15
 FBANK_TARGET_VS_S3PRL, FBANK_TARGET_VS_FLOOR = 1.8, 1.25
-SIDES = ("s3prl", "ours", "ours_bf16", "floor")
+# ours_bf16_joint: ours with a bf16 upstream whose forward runs once per update (--upstream_batches = accumulation).
+SIDES = ("s3prl", "ours", "ours_bf16", "ours_bf16_joint", "floor")
 
 
 def updates_per_second(step_log: Path, warmup: int) -> tuple[float, int]:
@@ -165,8 +166,8 @@ def our_args(setup: Setup) -> list[str]:
     return args + ["--batch_size", str(setup.batch_size), "--gradient_accumulate", str(setup.accumulate)]
 
 
-def run_ours(work: Path, updates: int, warmup: int, setup: Setup, precision: str = "fp32") -> dict:
-    name = "ours" if precision == "fp32" else f"ours_{precision}"
+def run_ours(work: Path, updates: int, warmup: int, setup: Setup, precision: str = "fp32", joint: bool = False) -> dict:
+    name = ("ours" if precision == "fp32" else f"ours_{precision}") + ("_joint" if joint else "")
     exp = work / name
     shutil.rmtree(exp, ignore_errors=True)
     total = updates + warmup
@@ -175,6 +176,7 @@ def run_ours(work: Path, updates: int, warmup: int, setup: Setup, precision: str
     args += ["--total_steps", str(total), "--log_step", str(total), "--save_step", str(total)]
     # No dev EER at the final checkpoint: it comes after the timed updates and would only lengthen the run.
     args += ["--mixed_precision", "no", "--wandb_mode", "disabled", "--eval_dev", "false"]
+    args += ["--upstream_batches", str(setup.accumulate if joint else 1)]
     return run_side(work, name, args, warmup, setup)
 
 
@@ -201,11 +203,13 @@ def floor_rates(setup: Setup, first_update: int, updates: int, warmup: int = 2) 
     seed, epoch and item), so the floors and our run see the same shapes; s3prl's sampler draws other
     batches of the same data. One pass times both: the upstream forward is timed inside each step.
     """
+    from asv.hostmem import retain_freed_memory_on
     from asv.optim import build_optimizer_and_scheduler
 
     cfg, _ = parse(TrainConfig, our_args(setup))  # SUPERB defaults: x-vector, AM-softmax 0.4/30, AdamW 1e-4
     torch.manual_seed(cfg.run.seed)
     device = torch.device(setup.device)
+    retain_freed_memory_on(device)  # our step's process, set up as train.py sets up its own
     upstream = build_upstream(cfg.model.upstream, cfg.model.upstream_ckpt).to(device)
     dataset, speakers, _ = load_train_set(cfg.data.data_dir, cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed)
     model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=len(speakers)).to(device)
@@ -356,6 +360,7 @@ def main(argv: list[str] | None = None) -> float:
         "s3prl": ("s3prl SuperbASV", lambda: run_s3prl(work, updates, warmup, setup)),
         "ours": ("ours train.py", lambda: run_ours(work, updates, warmup, setup)),
         "ours_bf16": ("ours bf16 up.", lambda: run_ours(work, updates, warmup, setup, "bf16")),
+        "ours_bf16_joint": ("ours bf16 joint", lambda: run_ours(work, updates, warmup, setup, "bf16", joint=True)),
     }
     # Rounds alternate the sides, so load that drifts over the run (a shared machine) hits them alike; the
     # fastest round of each side counts.

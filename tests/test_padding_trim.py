@@ -87,3 +87,38 @@ def test_where_it_does_not_apply(ckpts, monkeypatch):
     hf = build_upstream("hf_wav2vec2_custom", str(ckpts["tiny"]["hf_wav2vec2_custom"]))
     assert not trimmable(hf, wav, wav_len)
     assert not trimmable(build_upstream("fbank"), wav, wav_len)
+
+
+# Three training batches of an update, each padded to its own longest utterance (widths 8.0, 3.7 and 5.2 s);
+# lengths with odd sample counts so frame counts and the HuBERT/WavLM mask chunking differ between the widths.
+GROUPS = [[2.3, 8.0, 0.9], [3.7, 1.0], [5.2, 4.4, 2.05, 5.1999]]
+
+
+@pytest.mark.parametrize("name, size", CASES, ids=[f"{n}-{s}" for n, s in CASES])
+def test_one_forward_over_the_batches_of_an_update_equals_each_batch_own(name, size, ckpts):
+    upstream = build_upstream(name, str(ckpts[size][name]))
+    batches = [padded(utterances(secs, seed=k)) for k, secs in enumerate(GROUPS)]
+    assert padding_trim.groupable(upstream, batches)
+    calls = []
+    hook = plan_for(upstream).first_conv.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
+    try:
+        grouped = padding_trim.grouped_upstream_forward(upstream, batches)
+    finally:
+        hook.remove()
+    assert [c[0] for c in calls if c[-1] > 400] == [sum(len(n) for _, n in batches)]  # one forward, every row
+    for (wav, wav_len), (hs, lens) in zip(batches, grouped, strict=True):
+        ref_hs, ref_lens = upstream_forward(upstream, wav, wav_len)
+        assert kept_frame_gap(hs, lens, ref_hs, ref_lens) < HIDDEN_TOL
+    assert all("forward" not in vars(gn) for gn, _ in plan_for(upstream).group_norms)
+
+
+def test_a_plain_joint_batch_would_differ(ckpts):
+    # The same utterances padded to the widest batch without the per-batch statistics and masks: another
+    # update than s3prl's for the group-normalised Base models, which is what grouped_upstream_forward avoids.
+    upstream = build_upstream("hubert_local", str(ckpts["tiny"]["hubert_local"]))
+    batches = [padded(utterances(secs, seed=k)) for k, secs in enumerate(GROUPS)]
+    wav = torch.cat([torch.nn.functional.pad(w, (0, 8 * 16000 - w.size(1))) for w, _ in batches])
+    joint_hs, _ = upstream_forward(upstream, wav, torch.cat([n for _, n in batches]))
+    ref_hs, ref_lens = upstream_forward(upstream, *batches[1])
+    k = int(ref_lens[-1][0])
+    assert (joint_hs[-1][3, :k] - ref_hs[-1][0, :k]).abs().max().item() > 100 * HIDDEN_TOL

@@ -165,3 +165,42 @@ def test_layerdrop_off_and_gradient_checkpointing_keep_results():
     enc(x).sum().backward()
     for a, b in zip(ref, [p.grad for p in enc.parameters()], strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_fused_update_skips_on_the_device_without_reading_it(finite, monkeypatch):
+    """What a GPU's update runs (asv.optim builds fused optimizers there), on the CPU's fused AdamW kernel: a
+    non-finite gradient leaves parameters, moments and step counts untouched while the schedule moves on, as in
+    s3prl's runner, and the skip is counted, all without reading a tensor on the host."""
+    from accelerate import Accelerator
+
+    from asv.config import OptimConfig
+    from asv.optim import build_optimizer_and_scheduler
+    from asv.training import RunningStats, skips_on_device, update
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    cfg = OptimConfig(scheduler="StepLR", scheduler_kwargs="{step_size: 1, gamma: 0.5}")
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, None, fused=True)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    assert skips_on_device(optimizer, accelerator)
+    stats = RunningStats("cpu", max_consecutive_skips=5)
+    for step in range(2):  # one good update first, so the moments and step counts are not all zero
+        loss = model(torch.randn(8, 4)).square().mean() * (1.0 if step == 0 or finite else float("nan"))
+        accelerator.backward(loss)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        state = {k: v.clone() for k, v in optimizer.optimizer.state[next(model.parameters())].items()}
+        lr = optimizer.param_groups[0]["lr"]
+        if step == 1:  # every way of reading a tensor on the host fails from here on
+            for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+                monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read in the update"))
+        update(accelerator, optimizer, scheduler, stats)
+        optimizer.zero_grad()
+    monkeypatch.undo()
+    moved = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    now = optimizer.optimizer.state[next(model.parameters())]
+    assert moved == finite
+    assert all(torch.equal(state[k], now[k]) for k in state) != finite  # moments and step count
+    assert optimizer.param_groups[0]["lr"] == lr / 2  # the schedule steps either way
+    assert stats.skipped_updates == (0 if finite else 1)
