@@ -298,9 +298,11 @@ def time_floors(embedder, loaded, models: list | None = None) -> dict:
     return {"model": model_s, "upstream": upstream_s} | ({"upstream_torch": torch_s} if onnx is not None else {})
 
 
-def score_differences(s3prl_scores, our_scores, trials, target: Path) -> tuple[float, float]:
-    """(largest |s3prl - ours| over every trial and checkpoint, smallest gap between two of s3prl's scores of one
-    checkpoint): s3prl's scores come in its test_trial.csv's order, whose wav paths link to the same files."""
+def score_differences(s3prl_scores, our_scores, trials, target: Path) -> tuple[float, float, int]:
+    """(largest |s3prl - ours| over every trial and checkpoint, smallest gap between a target's and a non-target's
+    score of s3prl's on one checkpoint, how many target/non-target pairs the two sides order differently, summed
+    over the checkpoints): s3prl's scores come in its test_trial.csv's order, whose wav paths link to the same
+    files. An EER depends on the scores only through that order, so with no such pair the EERs must be equal."""
     import csv
 
     def key(a, b) -> tuple[str, str]:
@@ -308,12 +310,38 @@ def score_differences(s3prl_scores, our_scores, trials, target: Path) -> tuple[f
 
     ours_at = {key(t.wav_path1, t.wav_path2): i for i, t in enumerate(trials)}
     with open(target / "test_trial.csv") as f:
-        order = [ours_at[key(r["wav_path1"], r["wav_path2"])] for r in csv.DictReader(f)]
-    delta = 0.0
+        order = np.array([ours_at[key(r["wav_path1"], r["wav_path2"])] for r in csv.DictReader(f)])
+    labels = np.array([t.label for t in trials])[order] == 1
+    delta, closest, swapped = 0.0, float("inf"), 0
     for s3, ours in zip(s3prl_scores, our_scores, strict=True):
-        delta = max(delta, max(abs(a - ours[i]) for a, i in zip(s3, order, strict=True)))
-    closest = min(float(np.diff(np.sort(s3)).min()) for s3 in s3prl_scores)
-    return delta, closest
+        a, b = np.asarray(s3, dtype=np.float64), np.asarray(ours, dtype=np.float64)[order]
+        delta = max(delta, float(np.abs(a - b).max()))
+        by_score = np.argsort(a, kind="mergesort")
+        change = labels[by_score][1:] != labels[by_score][:-1]  # neighbours of opposite labels bound every such gap
+        if change.any():
+            closest = min(closest, float(np.diff(a[by_score])[change].min()))
+        swapped += swapped_pairs(a, b, labels)
+    return delta, closest, swapped
+
+
+def eer_verdict(eer_difference: float, max_score_difference: float, swapped: int) -> str:
+    """Whether same-weights EERs agree: within EER_TOLERANCE, or apart only because every score agrees to float
+    rounding and target/non-target pairs closer than that rounding swapped order (random weights score many trials
+    alike; one swap on a short list moves the EER by more than the tolerance)."""
+    if eer_difference <= EER_TOLERANCE:
+        return "match"
+    if max_score_difference <= SCORE_TOLERANCE and swapped:
+        return f"match: {swapped} target/non-target pair(s) swapped within the scores' float rounding"
+    return "MISMATCH"
+
+
+def swapped_pairs(a: np.ndarray, b: np.ndarray, is_target: np.ndarray, chunk: int = 512) -> int:
+    """Target/non-target pairs ordered differently (or tied on one side only) by scores a and by scores b."""
+    ta, tb, na, nb = a[is_target], b[is_target], a[~is_target], b[~is_target]
+    n = 0
+    for i in range(0, len(ta), chunk):
+        n += int((np.sign(ta[i : i + chunk, None] - na) != np.sign(tb[i : i + chunk, None] - nb)).sum())
+    return n
 
 
 def relative_to_test_wav(path: str, corpus: Corpus) -> str:
@@ -587,19 +615,13 @@ def main(argv: list[str] | None = None) -> float:
         )
     out["eer_difference"] = gap
     # The embeddings' own check: every trial's score on both sides, matched by its two files.
-    delta, closest = score_differences(runs["s3prl"][-1]["scores"], runs["ours"][-1]["scores"], trials, target)
-    out["max_score_difference"], out["closest_scores"] = delta, closest
-    if gap <= EER_TOLERANCE:
-        verdict = "match"
-    elif delta <= SCORE_TOLERANCE:
-        # An EER moves only when a target and a non-target score swap order: with these scores that needs no more
-        # than the float rounding above (random weights score every trial alike).
-        verdict = f"match: a tie flipped (scores {closest:.1e} apart, within the {delta:.1e} rounding)"
-    else:
-        verdict = "MISMATCH"
+    delta, closest, swapped = score_differences(runs["s3prl"][-1]["scores"], runs["ours"][-1]["scores"], trials, target)
+    out["max_score_difference"], out["closest_scores"], out["swapped_pairs"] = delta, closest, swapped
+    verdict = eer_verdict(gap, delta, swapped)
     print(
         f"scores: max |s3prl - ours| {delta:.2e} over {len(trials)} trials x {args.checkpoints} checkpoint(s) "
-        f"(tolerance {SCORE_TOLERANCE:g}); closest two trial scores {closest:.1e}"
+        f"(tolerance {SCORE_TOLERANCE:g}); closest target/non-target scores {closest:.1e}; "
+        f"{swapped} target/non-target pair(s) ordered differently"
     )
     print(f"EER difference {gap:.3f} points ({verdict}; tolerance {EER_TOLERANCE})")
     ratio = out["ours"]["utt_per_s"] / out["s3prl"]["utt_per_s"]

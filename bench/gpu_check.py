@@ -161,7 +161,7 @@ def report(mode: str, plan: dict, results: list[dict], environment: dict) -> str
     ]
     for r in results:
         e = r["eval"]
-        verdict = "match" if e["eer_difference"] <= eval_speed.EER_TOLERANCE else "MISMATCH"
+        verdict = eval_speed.eer_verdict(e["eer_difference"], e["max_score_difference"], e["swapped_pairs"])
         lines.append(
             f"| {r['label']} | {e['utterances']} | {e['s3prl']['utt_per_s']:.2f} | {e['ours']['utt_per_s']:.2f} | "
             f"{e['ours_bf16']['utt_per_s']:.2f} | {e['ratio']:.2f}x | {e['s3prl']['eer']:.3f}% | "
