@@ -90,30 +90,22 @@ def record_upstream_time(path: str) -> None:
     import asv.upstream
 
     log = open(path, "a", buffering=1)  # noqa: SIM115  (kept open for the life of the process)
-    features = asv.upstream.upstream_features
 
-    def timed(*args, **kwargs):
-        start = time.monotonic()
-        out = features(*args, **kwargs)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        log.write(f"{start:.6f} {time.monotonic():.6f}\n")
-        return out
+    def timed(fn):
+        def call(*args, **kwargs):
+            start = time.monotonic()
+            out = fn(*args, **kwargs)
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            log.write(f"{start:.6f} {time.monotonic():.6f}\n")
+            return out
 
-    asv.upstream.upstream_features = timed
+        return call
+
+    asv.upstream.upstream_features = timed(asv.upstream.upstream_features)
     from asv import padding_trim  # --upstream_batches: the joint forward stands for its batches' calls
 
-    grouped = padding_trim.grouped_upstream_forward
-
-    def timed_group(*args, **kwargs):
-        start = time.monotonic()
-        out = grouped(*args, **kwargs)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        log.write(f"{start:.6f} {time.monotonic():.6f}\n")
-        return out
-
-    padding_trim.grouped_upstream_forward = timed_group
+    padding_trim.grouped_upstream_forward = timed(padding_trim.grouped_upstream_forward)
 
 
 def record_cuda_peak(path: str) -> None:
