@@ -141,11 +141,16 @@ def train(cfg: TrainConfig) -> Path:
     while state.step < cfg.run.total_steps:
         loader.set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        # --upstream_batches N: the frozen upstream's forward of N batches at a time runs as one (features = None:
-        # train_step computes the batch's own).
-        n, device = 1 if finetune else cfg.run.upstream_batches, accelerator.device
+        # --upstream_batches N (a frozen upstream only: TrainConfig refuses it with a fine-tuned one): the
+        # upstream's forward of N batches at a time runs as one (features = None: train_step computes the batch's).
         for batch, features in upstream_groups(
-            batches, upstream, n, device, upstream_precision, cfg.run.upstream_precision, cfg.run.trim_padding
+            batches,
+            upstream,
+            cfg.run.upstream_batches,
+            accelerator.device,
+            upstream_precision,
+            cfg.run.upstream_precision,
+            cfg.run.trim_padding,
         ):
             state.batch_in_epoch += 1
             head.set_step(state.step)

@@ -131,14 +131,13 @@ def onnx_upstream(upstream, min_samples: int, cache_dir: str | Path, announce=pr
     from asv.onnx_export import export_upstream
 
     module = getattr(upstream, "module", upstream)
-    cache = Path(os.path.expanduser(str(cache_dir)))
-    key = upstream_fingerprint(module)
-    path, meta = cache / f"{key}.onnx", cache / f"{key}.json"
-    if not (path.is_file() and meta.is_file()):
+    path, meta = graph_files(module, cache_dir)
+    if not cached(module, cache_dir):
+        cache = path.parent
         cache.mkdir(parents=True, exist_ok=True)
         announce(f"exporting upstream {getattr(module, 'name', '')} to ONNX once (cached in {cache}) ...")
         t0 = time.perf_counter()
-        tmp = cache / f"{key}.{os.getpid()}.tmp.onnx"
+        tmp = cache / f"{path.stem}.{os.getpid()}.tmp.onnx"
         try:
             lo, hi = export_upstream(module, tmp, min_samples)
             tmp.replace(path)  # a graph is complete or absent, also with several processes exporting at once
@@ -149,10 +148,14 @@ def onnx_upstream(upstream, min_samples: int, cache_dir: str | Path, announce=pr
     return OnnxUpstream(path, info["min_samples"])
 
 
+def graph_files(upstream, cache_dir: str | Path) -> tuple[Path, Path]:
+    """(graph, its metadata) of this upstream in the cache, whether they exist yet or not."""
+    cache, key = Path(os.path.expanduser(str(cache_dir))), upstream_fingerprint(upstream)
+    return cache / f"{key}.onnx", cache / f"{key}.json"
+
+
 def cached(upstream, cache_dir: str | Path) -> bool:
-    cache = Path(os.path.expanduser(str(cache_dir)))
-    key = upstream_fingerprint(upstream)
-    return (cache / f"{key}.onnx").is_file() and (cache / f"{key}.json").is_file()
+    return all(f.is_file() for f in graph_files(upstream, cache_dir))
 
 
 def choose(

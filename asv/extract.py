@@ -293,10 +293,10 @@ def embed_checkpoints(
         raise ValueError("embed_checkpoints needs checkpoints that share one upstream and its precision")
     entries = [load_cache(f, e.fingerprint(effects)) if f else {} for e, f in zip(embedders, cache_files, strict=True)]
     todo = list({p: (i, p) for i, p in items if any(p not in cached for cached in entries)}.values())
-    if todo and engine is not None:
-        audio_seconds = sum(lengths[p] for _, p in todo) / SAMPLE_RATE
-        use_engine(embedders[0], engine, audio_seconds, onnx_cache_dir, accelerator)
     if todo:
+        if engine is not None:
+            audio_seconds = sum(lengths[p] for _, p in todo) / SAMPLE_RATE
+            use_engine(embedders[0], engine, audio_seconds, onnx_cache_dir, accelerator)
         embedder = embedders[0] if len(embedders) == 1 else SharedUpstreamEmbedder(embedders)
         batches = length_sorted_batches([lengths[p] for _, p in todo], max_frames)
         dataset = EvalDataset(todo, effects=effects, min_samples=embedder.min_samples)

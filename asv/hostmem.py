@@ -39,7 +39,11 @@ def retain_freed_memory() -> bool:
     is not glibc (macOS, musl) or refuses a setting: the run then allocates as before, only slower."""
     global _applied
     if _applied is None:
-        _applied = _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        mallopt = _glibc_mallopt()
+        _applied = mallopt is not None and all(
+            mallopt(param, value) == 1
+            for param, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        )
     return _applied
 
 
@@ -49,13 +53,13 @@ def retain_freed_memory_on(device) -> bool:
     return kind == "cpu" and retain_freed_memory()
 
 
-def _mallopt(param: int, value: int) -> bool:
-    name = ctypes.util.find_library("c")
+def _glibc_mallopt():
+    """glibc's mallopt, or None where the C library is another one."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl has a mallopt that ignores everything)
     except (OSError, AttributeError, TypeError):
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(param, value) == 1
+    return mallopt

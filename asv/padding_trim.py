@@ -31,7 +31,15 @@ from contextlib import ExitStack
 import torch
 import torch.nn.functional as F
 
-from asv.batch_exact import MIN_SAMPLES, Plan, _group_norm_per_utterance, conv_lengths, plan_for, shadow
+from asv.batch_exact import (
+    MIN_SAMPLES,
+    Plan,
+    _group_norm_per_utterance,
+    _repeat_last_frames,
+    conv_lengths,
+    plan_for,
+    shadow,
+)
 from asv.upstream import upstream_forward
 
 # Per-utterance calls cost a few ms each in Python and kernel set-up: a real-size model (95 M+ parameters, ~0.1 s
@@ -160,7 +168,7 @@ def grouped_upstream_forward(upstream, batches: list[tuple[torch.Tensor, torch.T
     plan = plan_for(module, announce=False)
     widths = [int(wav_len.max()) for _, wav_len in batches]
     width = max(widths)
-    wav = torch.cat([F.pad(w[:, : int(n.max())], (0, width - int(n.max()))) for w, n in batches])
+    wav = torch.cat([F.pad(w[:, :bw], (0, width - bw)) for (w, _), bw in zip(batches, widths, strict=True)])
     wav_len = torch.cat([n for _, n in batches])
     row_width = torch.cat([torch.full_like(n, w) for (_, n), w in zip(batches, widths, strict=True)])
     model_frames = conv_lengths(row_width, plan.convs)  # per row: the frames its own batch's model computes
@@ -177,17 +185,11 @@ def grouped_upstream_forward(upstream, batches: list[tuple[torch.Tensor, torch.T
             mask = torch.cat([F.pad(m, (0, frames - m.size(1)), value=True) for m in masks]).to(wav.device)
             undo.enter_context(shadow(plan.mask_model, "forward_padding_mask", functools.partial(_given_mask, mask)))
         hidden, _ = upstream_forward(module, wav, wav_len, precision)
-    out, start = [], 0
-    for (_, n), w, last in zip(batches, widths, _split(model_frames, batches), strict=True):
-        rows = slice(start, start + len(n))
-        start += len(n)
-        h_len = torch.div(n - 1, module.downsample_rates[0], rounding_mode="floor") + 1
-        t = min(int(h_len.max()), len(range(0, w, module.downsample_rates[0])))
-        src = torch.minimum(torch.arange(t), last[:, None] - 1).to(wav.device)  # (B, t): repeat the last frame
-        hs = [h[rows].gather(1, src[..., None].expand(-1, -1, h.size(-1))) for h in hidden]
-        out.append((hs, [h_len.clone() for _ in hs]))
-    return out
-
-
-def _split(values: torch.Tensor, batches) -> list[torch.Tensor]:
-    return list(values.split([len(n) for _, n in batches]))
+    # Each batch's rows, ended as its own forward ends them: ceil(len / stride) frames per utterance, its batch's
+    # last model frame repeated past it (asv.batch_exact's rule for a lone utterance, with that batch's frames).
+    sizes = [len(n) for _, n in batches]
+    per_batch = zip(*(h.split(sizes) for h in hidden), strict=True)
+    return [
+        _repeat_last_frames(list(hs), n, last.to(hs[0].device), module.downsample_rates)
+        for (_, n), hs, last in zip(batches, per_batch, model_frames.split(sizes), strict=True)
+    ]
