@@ -31,7 +31,7 @@ from asv.augment import build_augmenter
 from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
 from asv.datasets import EpochSampler, TrainDataset, collate_train, load_train_set
 from asv.errors import AsvError, describe
-from asv.hostmem import retain_freed_memory_on
+from asv.extract import audio_lengths
 from asv.manifest import DEV_LIST, Trial, read_trials_csv
 from asv.models import SpeakerModel, build_speaker_model
 from asv.optim import build_optimizer_and_scheduler, gradient_accumulation
@@ -49,14 +49,8 @@ from asv.rundir import (
     verify_checkpoint,
 )
 from asv.tracking import JsonLog, start_tracking, wandb_mode
-from asv.training import Preemption, RunningStats, dev_eer, train_step, unreadable_files, upstream_groups
-from asv.upstream import (
-    WEIGHT_FREE,
-    build_upstream,
-    disable_layerdrop,
-    enable_gradient_checkpointing,
-    list_upstreams,
-)
+from asv.training import Preemption, RunningStats, Trainee, dev_eer, train_step, unreadable_files
+from asv.upstream import build_upstream, disable_layerdrop, enable_gradient_checkpointing, list_upstreams
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -93,7 +87,6 @@ def train(cfg: TrainConfig) -> Path:
         log_with=None if mode == "disabled" else "wandb",
         project_dir=str(exp_dir),
     )
-    retain_freed_memory_on(accelerator.device)  # a CPU reuses each update's activations' memory (asv/hostmem.py)
     if cfg.run.mixed_precision == "bf16" and accelerator.device.type == "cpu":
         accelerator.print("warning: bf16 on a CPU is about 100x slower than fp32 here; use --mixed_precision no")
     set_seed(cfg.run.seed)
@@ -101,8 +94,9 @@ def train(cfg: TrainConfig) -> Path:
     run = build_run(cfg, accelerator)
     state, resumed = resume_or_start(cfg, accelerator, run.model, exp_dir)
     log = open_logs(cfg, accelerator, exp_dir, state, mode)
-    model, upstream, optimizer, scheduler, loader = run.model, run.upstream, run.optimizer, run.scheduler, run.loader
+    model, upstream, optimizer, loader = run.model, run.upstream, run.optimizer, run.loader
     finetune = cfg.model.upstream_trainable
+    trainee = Trainee(model, upstream, optimizer, run.scheduler, finetune, cfg.run.upstream_precision)
     print_banner(cfg, accelerator, run, accumulate, state, resumed)
 
     def checkpoint() -> None:
@@ -127,12 +121,6 @@ def train(cfg: TrainConfig) -> Path:
         checkpoint()
 
     # ---- the loop: one optimizer update every `accumulate` batches
-    # bf16/fp16 only pays off for neural upstreams; signal-processing front-ends stay in fp32.
-    neural = cfg.model.upstream not in WEIGHT_FREE
-
-    def upstream_precision():
-        return accelerator.autocast() if neural else torch.autocast(accelerator.device.type, enabled=False)
-
     stats = RunningStats(accelerator.device, cfg.run.max_consecutive_skips, cfg.optim.gradient_clipping)
     t_start, last_saved = time.time(), state.step
     model.train()
@@ -141,35 +129,12 @@ def train(cfg: TrainConfig) -> Path:
     while state.step < cfg.run.total_steps:
         loader.set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        # --upstream_batches N (a frozen upstream only: TrainConfig refuses it with a fine-tuned one): the
-        # upstream's forward of N batches at a time runs as one (features = None: train_step computes the batch's).
-        for batch, features in upstream_groups(
-            batches,
-            upstream,
-            cfg.run.upstream_batches,
-            accelerator.device,
-            upstream_precision,
-            cfg.run.upstream_precision,
-            cfg.run.trim_padding,
-        ):
+        for batch in batches:
             state.batch_in_epoch += 1
             head.set_step(state.step)
             try:
                 # forward, backward and, on the batch that completes an update, clip + optimizer step
-                _, grad_norm = train_step(
-                    accelerator,
-                    model,
-                    upstream,
-                    optimizer,
-                    scheduler,
-                    batch,
-                    finetune,
-                    upstream_precision(),
-                    stats,
-                    cfg.run.upstream_precision,
-                    cfg.run.trim_padding,
-                    features,
-                )
+                _, grad_norm = train_step(accelerator, trainee, batch, stats)
             except torch.OutOfMemoryError:
                 # s3prl's OOM check is inverted and never fires; here the batch is dropped and counted.
                 if accelerator.num_processes > 1:  # the other ranks would wait for this one's gradients forever
@@ -268,8 +233,7 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         Path(cfg.data.data_dir), cfg.data.min_secs, cfg.data.max_secs, cfg.run.seed, augment
     )
     model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=len(speakers))
-    fused = accelerator.device.type == "cuda"
-    optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, model, upstream if finetune else None, fused)
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, model, upstream if finetune else None)
     workers = cfg.data.num_workers
     loader = DataLoader(
         dataset,
@@ -291,8 +255,6 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     dev_trials = read_trials_csv(dev_path) if cfg.run.eval_dev and dev_path.is_file() else None
     dev_lengths = {}
     if dev_trials:
-        from asv.extract import audio_lengths
-
         dev_lengths = audio_lengths([p for t in dev_trials for p in (t.wav_path1, t.wav_path2)])
     return Run(upstream, model, optimizer, scheduler, loader, dataset, stats, dev_trials, dev_lengths)
 

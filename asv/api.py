@@ -31,8 +31,10 @@ import torch
 from asv.calibration import Calibration, fit_calibration, posterior
 from asv.errors import BadAudioError, CheckpointError, ConfigError
 from asv.extract import Embedder, audio_lengths, embed_cached, trial_list_scores
+from asv.hub import download, looks_like_repo_id
 from asv.manifest import DEV_LIST, read_trials_csv, unique_utterances
 from asv.metrics import compute_eer
+from asv.modeldir import MODEL_JSON, read_model_dir
 from asv.rundir import EvalLayout, read_train_state, verify_checkpoint
 from asv.scoring import enrollment_model
 
@@ -64,11 +66,11 @@ class Verifier:
             self.embedder,
             [(p, p) for p in dict.fromkeys(paths)],
             audio_lengths(paths),
-            None,
-            self.test_effects,
-            accelerator,
-            max_frames,
-            num_workers,
+            cache_file=None,
+            effects=self.test_effects,
+            accelerator=accelerator,
+            max_frames=max_frames,
+            num_workers=num_workers,
         )
 
     def embed(self, wavs: Files, max_frames: int = 400_000) -> np.ndarray:
@@ -149,7 +151,7 @@ def checkpoint_reference(embedder: Embedder, effects: bool) -> tuple[float | Non
         return None, f"no threshold: {why}", None, f"no calibration: {why}"
     trials = read_trials_csv(dev)
     lengths = audio_lengths([p for _, p in unique_utterances(trials)])
-    scores = trial_list_scores(embedder, trials, lengths, layout.embeddings(step), effects)
+    scores = trial_list_scores(embedder, trials, lengths, cache_file=layout.embeddings(step), effects=effects)
     labels = [t.label for t in trials]
     eer, threshold = compute_eer(scores, labels)
     try:
@@ -170,9 +172,6 @@ def load_model(
 
     Needs neither the training data nor the run directory for a model directory. `upstream_ckpt` points at
     a local upstream checkpoint (*_local upstreams) that is not where the model recorded it."""
-    from asv.hub import download, looks_like_repo_id
-    from asv.modeldir import MODEL_JSON, read_model_dir
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = Path(source)
     if not path.exists() and looks_like_repo_id(str(source)):

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from asv.conventions import SAMPLE_RATE
 from asv.errors import BadAudioError
-
-SAMPLE_RATE = 16000
 
 # sox works on int32 samples; torchaudio's apply_effects_tensor maps float x to trunc(x * 2**31).
 _SOX_SCALE = 2.0**31
@@ -84,6 +83,7 @@ def _finite_mono(path, wav: np.ndarray) -> np.ndarray:
 
 def resample(wav: np.ndarray, sr: int) -> np.ndarray:
     """`wav` at `sr` Hz -> SAMPLE_RATE, with torchaudio's band-limited sinc interpolation."""
+    # torch and torchaudio load only here: prepare.py's decode workers and the ONNX embedder read audio without them.
     import torch
     import torchaudio.functional as AF
 

@@ -16,7 +16,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from asv.audio import SAMPLE_RATE, load_audio
+from asv.audio import load_audio
+from asv.conventions import SAMPLE_RATE
 from asv.errors import AugmentError
 
 SPEEDS = (0.9, 1.0, 1.1)

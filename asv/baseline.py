@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torchaudio.compliance.kaldi as kaldi
 
+from asv.progress import progress
+
 # 20 cepstra from 40 mel bands; c0 (overall log energy) is dropped because it tracks recording
 # level, not the speaker. No CMN: subtracting the per-utterance mean would zero the embedding.
 NUM_CEPS = 20
@@ -29,8 +31,6 @@ def mean_mfcc_scores(
 ) -> np.ndarray:
     """Cosine similarity of mean-MFCC embeddings for each (enrol, test) pair; each file embedded once.
     With `desc`, progress is shown under that name (asv.progress)."""
-    from asv.progress import progress
-
     paths = sorted({p for pair in trials for p in pair})
     emb = {p: mean_mfcc_embedding(load(p)) for p in progress(paths, desc=desc or "", unit="utt", enabled=bool(desc))}
     unit = {p: e / (np.linalg.norm(e) + 1e-12) for p, e in emb.items()}

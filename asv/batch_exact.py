@@ -36,10 +36,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from asv.conventions import MIN_SAMPLES, num_frames
 from asv.upstream import upstream_forward
-
-# s3prl's S3PRLUpstream zero-extends a batch whose longest item is shorter than this (MIN_SECOND * SAMPLE_RATE).
-MIN_SAMPLES = 800
 
 # Layers whose output at one frame can read other frames; each one in a model must be one its plan accounts for
 # (attention is not listed: every model covered here masks padded keys).
@@ -64,10 +62,6 @@ class Plan:
     group_norms: list[tuple[nn.Module, int]] = field(default_factory=list)  # (module, index of its conv layer)
     mask_model: nn.Module | None = None  # a HuBERT/WavLM model whose forward_padding_mask is replaced
     kaldi: nn.Module | None = None  # a baseline (fbank/mfcc) expert whose per-utterance frame counts are read
-    # The fairseq-style model (wav2vec 2.0 / HuBERT / WavLM) whose extract_features asv.padding_trim wraps, and its
-    # first conv layer (what a group norm there normalises is that conv's output, silence included).
-    fairseq_model: nn.Module | None = None
-    first_conv: nn.Module | None = None
     announced: bool = False
 
 
@@ -131,8 +125,8 @@ def _exact(module, plan: Plan, wav: torch.Tensor, wav_len: torch.Tensor, precisi
     wav = torch.nn.functional.pad(wav, (0, width - wav.size(1))) * valid
     with _patched(plan, model_len) as frames:
         hs, _ = upstream_forward(module, wav, model_len, precision)
-    num_frames = frames() if plan.kaldi is not None else conv_lengths(model_len, plan.convs)
-    return _repeat_last_frames(hs, wav_len, num_frames, module.downsample_rates)
+    model_frames = frames() if plan.kaldi is not None else conv_lengths(model_len, plan.convs)
+    return _repeat_last_frames(hs, wav_len, model_frames, module.downsample_rates)
 
 
 def _one_by_one(upstream, wav: torch.Tensor, wav_len: torch.Tensor, precision: str):
@@ -155,14 +149,14 @@ def conv_lengths(lengths: torch.Tensor, convs: list[tuple[int, int]]) -> torch.T
     return lengths
 
 
-def _repeat_last_frames(hs, wav_len, num_frames, strides):
+def _repeat_last_frames(hs, wav_len, model_frames, strides):
     """s3prl's per-utterance length rule: ceil(len / stride) frames, the model's own frames first, then its
     last one repeated (S3PRLUpstream._match_length on a batch of one)."""
     out_hs, out_lens = [], []
     for h, stride in zip(hs, strides, strict=True):
-        h_len = torch.div(wav_len - 1, stride, rounding_mode="floor") + 1
+        h_len = num_frames(wav_len, stride)
         t = int(h_len.max())
-        src = torch.minimum(torch.arange(t, device=h.device)[None, :], (num_frames - 1)[:, None])  # (B, t)
+        src = torch.minimum(torch.arange(t, device=h.device)[None, :], (model_frames - 1)[:, None])  # (B, t)
         out_hs.append(h.gather(1, src[..., None].expand(-1, -1, h.size(-1))))
         out_lens.append(h_len)
     return out_hs, out_lens
@@ -300,8 +294,7 @@ def _fairseq_plan(expert) -> Plan:
         return Plan(False, why)
     # wav2vec 2.0 already derives its frame mask from the conv arithmetic; HuBERT and WavLM chunk the sample mask.
     mask_model = model if hasattr(model, "forward_padding_mask") else None
-    first_conv = next(m for m in model.feature_extractor.conv_layers[0].modules() if isinstance(m, nn.Conv1d))
-    return Plan(True, convs=convs, group_norms=norms, mask_model=mask_model, fairseq_model=model, first_conv=first_conv)
+    return Plan(True, convs=convs, group_norms=norms, mask_model=mask_model)
 
 
 def _hf_plan(expert) -> Plan:

@@ -23,6 +23,10 @@ import numpy as np
 
 from asv.errors import AsvError, ConfigError, ManifestError, describe
 
+# Each command imports what it runs when it runs: the model code (torch, s3prl, accelerate) takes seconds to load, and
+# `python -m asv --help` or a mistyped flag should answer at once.
+from asv.lists import read_enrollment, read_trial_list, read_wav_list, resolve, score_line
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, as every other error here, instead of the usage block
@@ -104,12 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load(args, accelerator=None):
     from asv.api import load_model
-    from asv.hostmem import retain_freed_memory_on
 
     device = args.device or (str(accelerator.device) if accelerator else None)
-    model = load_model(args.model, device, args.upstream_ckpt, args.test_effects)
-    retain_freed_memory_on(next(model.embedder.model.parameters()).device)  # asv/hostmem.py
-    return model
+    return load_model(args.model, device, args.upstream_ckpt, args.test_effects)
 
 
 def _accelerator():
@@ -119,8 +120,6 @@ def _accelerator():
 
 
 def _wav_items(args) -> list[tuple[str, str]]:
-    from asv.lists import read_wav_list
-
     if bool(args.wavs) == bool(args.list):
         raise ConfigError("give audio files or --list FILE (one of them)")
     items = read_wav_list(Path(args.list), args.wav_root) if args.list else [(None, w) for w in args.wavs]
@@ -174,14 +173,14 @@ def cmd_verify(args) -> dict:
 
 
 def cmd_score(args) -> None:
-    from asv.lists import read_enrollment, read_trial_list, resolve, score_line
     from asv.metrics import calibrated_metrics, metrics
     from asv.scoring import enrollment_model
 
     trials, in_fmt = read_trial_list(Path(args.trials))
     root = Path(args.wav_root) if args.wav_root else Path(args.trials).parent
     models = read_enrollment(Path(args.enroll_models), args.wav_root) if args.enroll_models else {}
-    sides = {name: models.get(name, [resolve(name, root)]) for t in trials for name in (t.enroll, t.test)}
+    names = {name for t in trials for name in (t.enroll, t.test)}
+    sides = {name: models.get(name) or [resolve(name, [root])] for name in names}  # a model id, else a file
     files = sorted({f for fs in sides.values() for f in fs})
     _check_files(files, args.trials)
     accelerator = _accelerator()

@@ -19,17 +19,27 @@ import torch
 import yaml
 from simple_parsing import ArgumentParser, DashVariant, choice
 
-from asv.corpora import CORPORA
-from asv.engines import DEFAULT_ONNX_CACHE, ENGINES
 from asv.errors import ConfigError, one_line
-from asv.losses import LOSSES
-from asv.models import DOWNSTREAMS
 
 # torch.optim's optimizer classes: the registry --optimizer chooses from.
 OPTIMIZERS = sorted(
     n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
 )
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+# The names --downstream, --loss and --dataset accept. Settings import no runtime code, so the registries that
+# map each name to its constructor (asv.models.DOWNSTREAMS, asv.losses.LOSSES, asv.corpora.CORPORA) are built with
+# `registry`, which refuses at import a registry whose names differ from these.
+DOWNSTREAM_NAMES = ("xvector", "ecapa")
+LOSS_NAMES = ("amsoftmax", "aamsoftmax", "subcenter_aam", "softmax")
+CORPUS_NAMES = ("demo", "voxceleb1", "manifest")
+
+
+def registry(names: tuple[str, ...], entries: dict) -> dict:
+    """`entries` (name -> constructor), checked to offer exactly `names`, the choices its flag accepts."""
+    if tuple(entries) != names:
+        raise TypeError(f"registry {tuple(entries)} differs from the names asv.config accepts {names}: edit both")
+    return entries
 
 
 class _Checked:
@@ -96,7 +106,7 @@ class ModelConfig(_Checked):
     # Layer-normalise hidden states before the weighted sum (Featurizer `normalize`; SUPERB: off).
     featurizer_normalize: bool = False
     # Downstream model by name (registry asv.models.DOWNSTREAMS): xvector (SUPERB) | ecapa (ECAPA-TDNN).
-    downstream: str = choice(*DOWNSTREAMS, default="xvector")
+    downstream: str = choice(*DOWNSTREAM_NAMES, default="xvector")
     # Speaker embedding size (ECAPA-TDNN papers use 192).
     embed_dim: int = 512
     # Width of the projector, the TDNN stack's input (used by: xvector).
@@ -118,7 +128,7 @@ class LossConfig(_Checked):
     """Speaker-classification head."""
 
     # Loss by name (registry asv.losses.LOSSES): amsoftmax | aamsoftmax | subcenter_aam | softmax.
-    loss: str = choice(*LOSSES, default="amsoftmax")
+    loss: str = choice(*LOSS_NAMES, default="amsoftmax")
     # Margin: additive cosine margin for amsoftmax, additive angle in radians for aamsoftmax and
     # subcenter_aam (s3prl's legacy AAM used 0.3, WeSpeaker 0.2).
     margin: float = 0.4
@@ -203,16 +213,6 @@ class RunConfig(_Checked):
     # fp32). Its hidden states are cast back to fp32, so the trained featurizer, downstream and head keep
     # --mixed_precision's precision. Evaluation uses the checkpoint's setting.
     upstream_precision: str = choice("fp32", "bf16", "fp16", default="fp32")
-    # On a CPU, run a frozen wav2vec 2.0 / HuBERT / WavLM (20 M+ parameters) over each utterance of a padded
-    # batch without the padding, giving it the padding's statistics: the same features as the padded batch
-    # (asv/padding_trim.py), a 1.31-1.43x faster upstream forward on demo and VoxCeleb-like batches. GPUs and
-    # smaller models run the padded batch.
-    trim_padding: bool = True
-    # Run the frozen upstream's forward of this many batches at a time as one (e.g. 5, the accumulation), with
-    # each batch's own padding statistics and masks: the same features as one forward per batch (asv/padding_trim.py),
-    # in a larger batch that keeps a GPU busier. Opt-in until measured on a GPU; falls back to one forward per batch
-    # when the joint one runs out of memory. CPUs trim the padding instead (--trim_padding).
-    upstream_batches: int = 1
     # torch.compile the featurizer + downstream + head (inductor, dynamic shapes). Opt-in: compiling
     # takes minutes and pays off only on long GPU runs.
     compile: bool = False
@@ -252,13 +252,6 @@ class TrainConfig(_Checked):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.run.upstream_batches < 1:
-            raise ConfigError(f"--upstream_batches {self.run.upstream_batches}: give 1 (one forward per batch) or more")
-        if self.model.upstream_trainable and self.run.upstream_batches > 1:
-            raise ConfigError(
-                "--upstream_batches applies to a frozen upstream; a fine-tuned one runs its forward with each batch's "
-                "backward (leave --upstream_batches 1)"
-            )
         if self.model.upstream_trainable and self.run.upstream_precision != "fp32":
             raise ConfigError(
                 f"--upstream_precision {self.run.upstream_precision} applies to a frozen upstream; to fine-tune it in "
@@ -271,7 +264,7 @@ class PrepareConfig(_Checked):
     """prepare.py: build train.csv, speakers.json, vad.json and trials/*.csv."""
 
     # demo (generated here) | voxceleb1 (official layout) | manifest (any corpus, from your CSV).
-    dataset: str = choice(*CORPORA, default="demo")
+    dataset: str = choice(*CORPUS_NAMES, default="demo")
     # Corpus root: voxceleb1 reads DIR/dev/wav and DIR/test/wav; demo generates the corpus there
     # (default data/demo_corpus); manifest resolves relative trial paths against it.
     dataset_root: str | None = None
@@ -327,13 +320,12 @@ class EvalConfig(_Checked):
     data_dir: str | None = None
     # Prepared trial lists to score, by name (file stem in data_dir/trials; default: all of them).
     trial_names: list[str] | None = None
-    # VoxCeleb-format trial lists ('<1|0> <wav1> <wav2>' per line) to score as well, without prepare.py.
+    # Text trial lists to score as well, without prepare.py: VoxCeleb '<1|0> <wav1> <wav2>' or Kaldi
+    # '<wav1> <wav2> target|nontarget' per line (asv/lists.py).
     trials: list[str] | None = None
     # Root for relative paths in --trials files (tried as ROOT/p, ROOT/wav/p, ROOT/test/wav/p, ROOT/dev/wav/p);
     # default: the list's own directory, then the prepared corpus root.
     wav_root: str | None = None
-    # Score one pair: two wav files; prints the cosine score and the decision at the dev-EER threshold.
-    pair: list[str] | None = None
     # Apply the training gain + VAD to test audio (default: as the checkpoint was trained, i.e. raw unless set).
     test_effects: bool | None = None
     # Also report AS-norm scores: top-N cohort of training-speaker mean embeddings (off: SUPERB scores raw cosine).
@@ -346,28 +338,18 @@ class EvalConfig(_Checked):
     # most this much audio (400,000 = 25 s at 16 kHz; raise it on GPUs; 1 = one utterance at a time, as s3prl).
     # Padding never changes an embedding: the upstream runs batch-exact (asv/batch_exact.py).
     eval_max_frames: int = 400_000
-    # What runs the frozen upstream's forward (asv/engines.py): auto | torch | onnxruntime. auto takes onnxruntime
-    # on a CPU for a wav2vec 2.0 / HuBERT / WavLM in fp32 (the same hidden states to float order, 1.2-1.5x faster
-    # here) when its graph is cached or the audio to embed is >= 30 min (the one-time export then pays); else torch.
-    engine: str = choice(*ENGINES, default="auto")
-    # Where exported upstream graphs are kept (one file per upstream, about 4 bytes per parameter).
-    onnx_cache_dir: str = DEFAULT_ONNX_CACHE
     # DataLoader worker processes reading test audio (default: 2 on GPUs; none on a CPU, where reading costs a
     # hundredth of the forward and a forked worker makes the embedding process copy each heap page it writes again).
     num_workers: int | None = None
     # Reuse and write step-<N>/embeddings.npz (false: always re-embed, write nothing).
     cache: bool = True
-    # Also write the scored utterances' embeddings to DIR/step-<N>.npz (ids, paths, embeddings).
-    export_embeddings: str | None = None
     # Trial list whose scores fit each checkpoint's cosine -> LLR calibration (a prepared list name or a
-    # VoxCeleb-format file, scored too). Default: the held-out dev list when it is scored; 'none': off. Cllr and
+    # text trial list file, scored too). Default: the held-out dev list when it is scored; 'none': off. Cllr and
     # actDCF are reported on every other list, never on this one (they would not be held-out there).
     calibration_list: str | None = None
     # Write a self-contained model directory here (weights, config, calibration, model card; asv/modeldir.py)
     # of --ckpt_dir's checkpoint, or with --exp_dir of the checkpoint selected on the dev list.
     export_model: str | None = None
-    # With --export_model: also write embedder.onnx (needs the onnx, onnxscript and onnxruntime packages).
-    export_onnx: bool = False
     # Write DET curves, score histograms and layer-weight plots (PNG, and to W&B).
     plots: bool = True
     # Where results go (default: <exp_dir>/evaluate).

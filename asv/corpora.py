@@ -20,10 +20,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from asv.audio import SAMPLE_RATE, compute_vad, load_audio
+from asv.audio import compute_vad, load_audio
+from asv.config import CORPUS_NAMES, registry
+from asv.conventions import SAMPLE_RATE
 from asv.errors import BadAudioError, ConfigError, ManifestError
 from asv.manifest import DEV_LIST, Trial, make_trials, read_voxceleb_trials
 from asv.progress import progress
+from asv.synth import CORPUS_VERSION, generate_corpus
 
 TRIAL_URLS = {
     "voxceleb1_test_v2.txt": [
@@ -128,8 +131,6 @@ def voxceleb1(cfg) -> Corpus:
 
 def demo(cfg) -> Corpus:
     """The embedded synthetic corpus (asv/synth.py), generated once under --dataset_root in VoxCeleb1 layout."""
-    from asv.synth import CORPUS_VERSION, generate_corpus
-
     root = Path(cfg.dataset_root or "data/demo_corpus")
     marker = root / "corpus.json"
     args = dict(
@@ -200,7 +201,7 @@ def manifest(cfg) -> Corpus:
 
 
 # name -> builder(PrepareConfig) -> Corpus: what `prepare.py --dataset NAME` reads.
-CORPORA = {"demo": demo, "voxceleb1": voxceleb1, "manifest": manifest}
+CORPORA = registry(CORPUS_NAMES, {"demo": demo, "voxceleb1": voxceleb1, "manifest": manifest})
 
 
 def hold_out_speakers(speakers: list[str], amount: float, seed: int) -> set[str]:
@@ -240,8 +241,6 @@ def corpus_version(name: str) -> int | None:
     """The generator version behind a generated corpus (prepare.json records it: a newer one means stale data)."""
     if name != "demo":
         return None
-    from asv.synth import CORPUS_VERSION
-
     return CORPUS_VERSION
 
 

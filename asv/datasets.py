@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from asv.audio import SAMPLE_RATE, apply_gain, load_audio, read_crop, sox_silence
+from asv.audio import apply_gain, load_audio, read_crop, sox_silence
 from asv.augment import Augmenter, speed_perturb
+from asv.conventions import SAMPLE_RATE
 from asv.errors import BadAudioError, ManifestError
 from asv.manifest import Utterance, read_train_csv
 

@@ -1,9 +1,9 @@
 """Embedding extraction shared by evaluate.py, train.py (dev EER) and the Python API (asv.embed/asv.verify).
 
-Each whole utterance is embedded once, in length-sorted batches under a padded-samples budget; the upstream
-runs batch-exact (asv/batch_exact.py) and masks run through the featurizer and pooling, so an embedding equals
-its batch-1 one, as s3prl evaluates. Batches
-are dealt to processes with Accelerate and gathered. Per checkpoint, embeddings are cached in
+Each whole utterance is embedded once, in length-sorted batches under a padded-samples budget; the upstream gives
+each utterance its batch-1 hidden states (asv.forward.embedding_features) and masks run through the featurizer and
+pooling, so an embedding equals its batch-1 one, as s3prl evaluates. Batches are dealt to processes with Accelerate
+and gathered. Per checkpoint, embeddings are cached in
 `embeddings.npz`:
 
   ids          (N,) str     utterance ids as the trial lists name them
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,26 +28,22 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from asv.audio import SAMPLE_RATE, load_audio
-from asv.batch_exact import batch1_upstream_forward, exact_upstream_forward
+from asv.audio import load_audio
 from asv.config import load_train_config
 from asv.datasets import RERUN_PREPARE, EvalDataset, collate_eval, length_buckets
-from asv.engines import DEFAULT_ONNX_CACHE
 from asv.errors import BadAudioError, one_line
+from asv.forward import embedding_features
+from asv.manifest import unique_utterances
+from asv.metrics import compute_eer
 from asv.models import XVECTOR_LENGTH_REDUCTION, build_speaker_model
 from asv.progress import progress
 from asv.rundir import check_weights_match
+from asv.scoring import trial_scores
 from asv.upstream import build_upstream
 
-# On a CPU each utterance of a batch runs alone (s3prl's evaluation itself): an utterance costs no more per second
-# of audio alone than batched there, and alone it ran ~10 % faster than the batch-exact padded batch (HuBERT
-# Base, 60 demo test utterances in length-sorted batches, 2-core Xeon). GPUs run the batch-exact padded batch.
-ALONE_ON_CPU = True
-
-# On a CPU the test audio is read in the embedding process itself unless --num_workers asks for workers. A
-# DataLoader worker is a fork of that process, and after a fork every heap page the embedding writes is copied once
-# more (the pages are shared copy-on-write), while reading a file costs ~1 ms raw, ~7 ms with the test effects,
-# against ~0.8 s of a Base model's forward per utterance (bench/README.md, "Host memory"). GPUs keep 2 workers.
+# On a CPU the test audio is read in the embedding process itself unless --num_workers asks for workers: reading a
+# file costs ~1 ms raw, ~7 ms with the test effects, against ~0.8 s of a Base model's forward per utterance, and a
+# forked worker makes the embedding process copy each heap page it writes again. GPUs keep 2 workers.
 EVAL_WORKERS = {"cpu": 0}
 DEFAULT_EVAL_WORKERS = 2
 
@@ -57,8 +52,6 @@ CACHE_VERSION = 2  # 2: batch-exact upstream (asv/batch_exact.py); older caches 
 
 class ModelEmbedder:
     """Whole utterances -> embeddings through an upstream and a SpeakerModel (e.g. the one training)."""
-
-    onnx = None  # an asv.engines.OnnxUpstream running the upstream on a CPU, where use_engine chose one
 
     def __init__(self, upstream, model, upstream_precision: str = "fp32"):
         self.upstream, self.model, self.upstream_precision = upstream, model, upstream_precision
@@ -79,12 +72,7 @@ class ModelEmbedder:
         return self.model.embed(*self.hidden_states(wav, wav_len))
 
     def hidden_states(self, wav: torch.Tensor, wav_len: torch.Tensor):
-        # Each embedding equals the utterance's batch-1 one (s3prl's evaluation), padding notwithstanding.
-        alone = ALONE_ON_CPU and wav.device.type == "cpu"
-        if alone and self.onnx is not None and int(wav_len.min()) >= self.onnx.min_samples:
-            return self.onnx.forward(wav, wav_len)
-        forward = batch1_upstream_forward if alone else exact_upstream_forward
-        return forward(self.upstream, wav, wav_len, self.upstream_precision)
+        return embedding_features(self.upstream, wav, wav_len, self.upstream_precision)
 
 
 class SharedUpstreamEmbedder:
@@ -188,6 +176,7 @@ def embed_all(
     embedder: Embedder,
     dataset: EvalDataset,
     batches: list[list[int]],
+    *,
     accelerator: Accelerator | None = None,
     num_workers: int | None = 0,
     desc: str = "embedding",
@@ -259,48 +248,40 @@ def embed_cached(
     embedder: Embedder,
     items: list[tuple[str, str]],
     lengths: dict[str, int],
+    *,
     cache_file: Path | None,
     effects: bool,
-    accelerator: Accelerator | None = None,
-    max_frames: int = 400_000,
-    num_workers: int | None = 0,
-    desc: str = "embedding",
+    **options,
 ) -> dict[str, np.ndarray]:
-    """{wav_path: embedding} for every (id, wav_path) in items, embedding only what the cache lacks."""
-    return embed_checkpoints(
-        [embedder], items, lengths, [cache_file], effects, accelerator, max_frames, num_workers, desc
-    )[0]
+    """{wav_path: embedding} for every (id, wav_path) in items, embedding only what the cache lacks; `options` are
+    embed_checkpoints' (accelerator, max_frames, num_workers, desc)."""
+    return embed_checkpoints([embedder], items, lengths, cache_files=[cache_file], effects=effects, **options)[0]
 
 
 def embed_checkpoints(
     embedders: list[Embedder],
     items: list[tuple[str, str]],
     lengths: dict[str, int],
+    *,
     cache_files: list[Path | None],
     effects: bool,
     accelerator: Accelerator | None = None,
     max_frames: int = 400_000,
     num_workers: int | None = 0,
     desc: str = "embedding",
-    engine: str | None = None,
-    onnx_cache_dir: str = DEFAULT_ONNX_CACHE,
 ) -> list[dict[str, np.ndarray]]:
-    """embed_cached for several checkpoints of one frozen upstream (the same upstream object and precision):
-    what any of their caches lacks is embedded in one pass (SharedUpstreamEmbedder), the upstream once. With an
-    `engine` (--engine), the upstream runs on what asv.engines chooses for that much audio (use_engine); None
-    leaves the first embedder's as it is (PyTorch unless use_engine set another)."""
+    """embed_cached for several checkpoints of one frozen upstream (the same upstream object and precision): what
+    any of their caches lacks is embedded in one pass (SharedUpstreamEmbedder), the upstream once. `lengths`: samples
+    per wav path (audio_lengths), which the batches are sorted by; `num_workers` None is eval_workers' default."""
     if len({(id(e.upstream), e.upstream_precision) for e in embedders}) != 1:
         raise ValueError("embed_checkpoints needs checkpoints that share one upstream and its precision")
     entries = [load_cache(f, e.fingerprint(effects)) if f else {} for e, f in zip(embedders, cache_files, strict=True)]
     todo = list({p: (i, p) for i, p in items if any(p not in cached for cached in entries)}.values())
     if todo:
-        if engine is not None:
-            audio_seconds = sum(lengths[p] for _, p in todo) / SAMPLE_RATE
-            use_engine(embedders[0], engine, audio_seconds, onnx_cache_dir, accelerator)
         embedder = embedders[0] if len(embedders) == 1 else SharedUpstreamEmbedder(embedders)
         batches = length_sorted_batches([lengths[p] for _, p in todo], max_frames)
         dataset = EvalDataset(todo, effects=effects, min_samples=embedder.min_samples)
-        emb = embed_all(embedder, dataset, batches, accelerator, num_workers, desc)
+        emb = embed_all(embedder, dataset, batches, accelerator=accelerator, num_workers=num_workers, desc=desc)
         start = 0
         for e, cached, cache_file in zip(embedders, entries, cache_files, strict=True):
             part = emb[:, start : start + e.embed_dim]
@@ -311,23 +292,6 @@ def embed_checkpoints(
         if accelerator is not None:
             accelerator.wait_for_everyone()
     return [{p: v for p, (_, v) in cached.items()} for cached in entries]
-
-
-def use_engine(embedder: ModelEmbedder, engine: str, audio_seconds: float, cache_dir: str, accelerator=None) -> str:
-    """Run `embedder`'s upstream on the engine asv.engines.choose picks (onnxruntime: the cached graph, exported
-    first by the main process if need be); says which and why in one line. Returns the engine's name."""
-    from asv.engines import choose, onnx_upstream
-
-    device = next(embedder.model.parameters()).device
-    name, why = choose(engine, embedder.upstream, device, embedder.upstream_precision, audio_seconds, cache_dir)
-    say = print if _is_main(accelerator) else (lambda *a, **k: None)
-    if name == "onnxruntime" and embedder.onnx is None:
-        with accelerator.main_process_first() if accelerator is not None else nullcontext():
-            embedder.onnx = onnx_upstream(embedder.upstream, embedder.min_samples, cache_dir, say)
-    elif name == "torch":
-        embedder.onnx = None
-    say(f"upstream forward: {name} ({why})", flush=True)
-    return name
 
 
 def export_embeddings(path: Path, items: list[tuple[str, str]], vectors: dict[str, np.ndarray]) -> None:
@@ -342,22 +306,21 @@ def export_embeddings(path: Path, items: list[tuple[str, str]], vectors: dict[st
 
 
 def trial_list_scores(
-    embedder, trials, lengths: dict[str, int], cache_file: Path | None, effects: bool, accelerator=None
+    embedder, trials, lengths: dict[str, int], *, cache_file: Path | None, effects: bool, accelerator=None
 ) -> np.ndarray:
     """Cosine scores of `embedder` on a trial list, each utterance embedded once (through `cache_file`)."""
-    from asv.manifest import unique_utterances
-    from asv.scoring import trial_scores
-
-    vectors = embed_cached(embedder, unique_utterances(trials), lengths, cache_file, effects, accelerator)
+    vectors = embed_cached(
+        embedder, unique_utterances(trials), lengths, cache_file=cache_file, effects=effects, accelerator=accelerator
+    )
     return trial_scores(vectors, trials)
 
 
 def trial_list_eer(
-    embedder, trials, lengths: dict[str, int], cache_file: Path | None, effects: bool, accelerator=None
+    embedder, trials, lengths: dict[str, int], *, cache_file: Path | None, effects: bool, accelerator=None
 ) -> tuple[float, float]:
     """(EER as a fraction, its threshold) of `embedder` on a trial list: the dev-list figure train.py logs at
     each checkpoint."""
-    from asv.metrics import compute_eer
-
-    scores = trial_list_scores(embedder, trials, lengths, cache_file, effects, accelerator)
+    scores = trial_list_scores(
+        embedder, trials, lengths, cache_file=cache_file, effects=effects, accelerator=accelerator
+    )
     return compute_eer(scores, [t.label for t in trials])

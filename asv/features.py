@@ -11,7 +11,8 @@ Writes under out_dir:
   features.json                  what was dumped: model, upstream, frame stride in samples, dimensions, layer
                                  weights (softmax of the featurizer's), test effects
 The id is the list's (`id path` lines) or the path relative to the files' common folder, extension dropped.
-Padding never reaches a file: each utterance is cut to its own number of frames.
+Padding never reaches a file: each utterance's hidden states are its batch-1 ones (asv.forward.embedding_features),
+cut to its own number of frames.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from safetensors.numpy import save_file
 from torch.utils.data import DataLoader
 
 from asv.datasets import EvalDataset, collate_eval
 from asv.errors import ConfigError
 from asv.extract import audio_lengths, length_sorted_batches
+from asv.forward import embedding_features
 from asv.progress import progress
-from asv.upstream import upstream_forward
 
 FORMATS = ("npy", "safetensors")
 
@@ -77,7 +79,9 @@ def dump_features(
         for idx, wav, wav_len in progress(
             loader, sum(map(len, my_batches)), "features", "utt", size=lambda b: len(b[0]), enabled=main
         ):
-            hidden, hidden_len = upstream_forward(embedder.upstream, wav.to(device), wav_len.to(device))
+            hidden, hidden_len = embedding_features(
+                embedder.upstream, wav.to(device), wav_len.to(device), embedder.upstream_precision
+            )
             with torch.inference_mode():
                 if all_layers:
                     feats, n_frames = torch.stack(hidden, dim=1), hidden_len[0]  # (B, L, T, D)
@@ -124,7 +128,5 @@ def _write(out_dir: Path, item: tuple[str, str], x: np.ndarray, fmt: str, all_la
     if fmt == "npy":
         np.save(target, x)
     else:
-        from safetensors.numpy import save_file
-
         save_file({"hidden_states" if all_layers else "features": np.ascontiguousarray(x)}, str(target))
     return {"id": utt_id, "wav_path": wav_path, "file": str(target.relative_to(out_dir)), "num_frames": x.shape[-2]}

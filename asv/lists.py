@@ -1,4 +1,4 @@
-"""The list and score-file formats `python -m asv` reads and writes, in the shapes other toolkits use.
+"""The text list and score-file formats `python -m asv` and evaluate.py read and write, in other toolkits' shapes.
 
 Read:
   wav list        one file per line: `path`, or `id path`
@@ -12,11 +12,13 @@ Write (score files):
   wespeaker       `enroll test score [target|nontarget]`   (the label when the trial list has one)
   kaldi           `enroll test score`
   voxceleb        `score enroll test`                       (VoxSRC submission order)
-Relative audio paths resolve against a root (default: the list's own folder).
+Relative audio paths resolve against a root (default: the list's own folder), in VoxCeleb's layout too: `resolve`,
+the one place a relative audio path becomes a file (evaluate.py's --trials and `python -m asv` alike).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from asv.errors import ManifestError
 
 SCORE_FORMATS = ("wespeaker", "kaldi", "voxceleb")
 KALDI_LABELS = {"target": 1, "nontarget": 0}
+# Where a relative path is looked for below a root: the root itself, then VoxCeleb's layout (lists name
+# <spk>/<video>/<utt>.wav below wav/ of the corpus, or of its test/ or dev/ part).
+SEARCHED_SUBDIRS = (".", "wav", "test/wav", "dev/wav")
 
 
 @dataclass
@@ -45,9 +50,13 @@ def _lines(path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
-def resolve(path: str, root: Path) -> str:
-    p = Path(path)
-    return str(p if p.is_absolute() else Path(root) / p)
+def resolve(path: str, roots: Sequence[Path]) -> str:
+    """An absolute path as it is; a relative one below the first root that has it (SEARCHED_SUBDIRS, in order), else
+    below the first root, as written (the caller reports it missing)."""
+    if Path(path).is_absolute():
+        return str(Path(path))
+    options = [Path(root) / sub / path for root in roots for sub in SEARCHED_SUBDIRS]
+    return str(next((o for o in options if o.is_file()), options[0]))
 
 
 def read_wav_list(path: Path, root: Path | None = None) -> list[tuple[str | None, str]]:
@@ -57,7 +66,7 @@ def read_wav_list(path: Path, root: Path | None = None) -> list[tuple[str | None
     for n, parts in _lines(path):
         if len(parts) not in (1, 2):
             raise ManifestError(f"{path}:{n}: expected 'path' or 'id path', got {' '.join(parts)[:80]!r}")
-        out.append((parts[0] if len(parts) == 2 else None, resolve(parts[-1], root)))
+        out.append((parts[0] if len(parts) == 2 else None, resolve(parts[-1], [root])))
     return out
 
 
@@ -71,7 +80,7 @@ def read_enrollment(path: Path, root: Path | None = None) -> dict[str, list[str]
             raise ManifestError(f"{path}:{n}: expected 'model_id wav1 [wav2 ...]', got {' '.join(parts)[:80]!r}")
         if parts[0] in models:
             raise ManifestError(f"{path}:{n}: model {parts[0]!r} is defined twice")
-        models[parts[0]] = [resolve(f, root) for f in files]
+        models[parts[0]] = [resolve(f, [root]) for f in files]
     return models
 
 
@@ -86,7 +95,9 @@ def _row_format(parts: list[str]) -> str | None:
 
 
 def read_trial_list(path: Path) -> tuple[list[ListedTrial], str]:
-    """The trials in order and the format the file is in (the first line decides; every line must agree)."""
+    """The trials of a text trial list in order, and the format it is in (the first line decides; every line must
+    agree). The one text trial-list parser: `python -m asv score` reads it directly, evaluate.py through
+    asv.manifest.read_text_trials."""
     rows = _lines(path)
     fmt = _row_format(rows[0][1])
     expected = {

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from asv.config import LOSS_NAMES, registry
+
 
 def margin_at(step: int, margin: float, warmup_steps: int) -> float:
     """Linear ramp 0 -> margin over the first warmup_steps updates (0: the full margin from the start)."""
@@ -132,14 +134,17 @@ class Softmax(Head):
 
 
 # name -> constructor from the loss config section (asv.config.LossConfig), embedding size and class count.
-LOSSES = {
-    "amsoftmax": lambda c, d, n: AMSoftmax(d, n, c.margin, c.scale, c.margin_warmup_steps),
-    "aamsoftmax": lambda c, d, n: AAMSoftmax(d, n, c.margin, c.scale, c.easy_margin, c.margin_warmup_steps),
-    "subcenter_aam": lambda c, d, n: SubcenterAAMSoftmax(
-        d, n, c.margin, c.scale, c.subcenters, c.easy_margin, c.margin_warmup_steps
-    ),
-    "softmax": lambda c, d, n: Softmax(d, n),
-}
+LOSSES = registry(
+    LOSS_NAMES,
+    {
+        "amsoftmax": lambda c, d, n: AMSoftmax(d, n, c.margin, c.scale, c.margin_warmup_steps),
+        "aamsoftmax": lambda c, d, n: AAMSoftmax(d, n, c.margin, c.scale, c.easy_margin, c.margin_warmup_steps),
+        "subcenter_aam": lambda c, d, n: SubcenterAAMSoftmax(
+            d, n, c.margin, c.scale, c.subcenters, c.easy_margin, c.margin_warmup_steps
+        ),
+        "softmax": lambda c, d, n: Softmax(d, n),
+    },
+)
 
 
 def build_loss(loss_cfg, embed_dim: int, num_classes: int) -> Head:

@@ -18,12 +18,14 @@ voxceleb1_test_v2.txt lists 338 of its 37,720 pairs twice, in either order).
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from asv.errors import ManifestError
+from asv.lists import read_trial_list, resolve
 
 TRAIN_FIELDS = ["id", "wav_path", "spk", "num_samples"]
 TRIAL_FIELDS = ["id1", "id2", "wav_path1", "wav_path2", "label"]
@@ -123,22 +125,31 @@ def read_trials_csv(path: Path) -> list[Trial]:
     return check_trials(path, rows)
 
 
+def read_text_trials(path: Path, roots: Sequence[Path] | None = None) -> list[Trial]:
+    """A labelled text trial list (asv.lists.read_trial_list: VoxCeleb `<1|0> a b` or Kaldi `a b target|nontarget`)
+    as Trials in order, checked as the prepared lists are. With `roots`, each relative path resolves against them
+    (asv.lists.resolve) and every file must exist; without, the paths stay as written (ids stay strings)."""
+    listed, fmt = read_trial_list(path)
+    if fmt == "unlabelled":
+        raise ManifestError(
+            f"{path}: unlabelled trials ('enroll test'); scoring needs a label on every line: "
+            "'<1|0> enroll test' or 'enroll test target|nontarget'"
+        )
+    names = {name for t in listed for name in (t.enroll, t.test)}
+    found = {name: resolve(name, roots) if roots else name for name in names}  # each name resolved once
+    missing = sorted(name for name, p in found.items() if roots and not Path(p).is_file())
+    if missing:
+        raise ManifestError(
+            f"{path}: {len(missing)} utterances not found under {', '.join(map(str, roots))} "
+            f"(first: {', '.join(missing[:3])}); pass --wav_root DIR"
+        )
+    rows = [(t.line, Trial(t.enroll, t.test, found[t.enroll], found[t.test], t.label)) for t in listed]
+    return check_trials(path, rows)
+
+
 def read_voxceleb_trials(path: Path) -> list[tuple[int, str, str]]:
-    """Every line of a VoxCeleb trial list, '<1|0> <spk/video/utt.wav> <spk/video/utt.wav>', as
-    (label, utt1, utt2), in order; ids stay strings."""
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ManifestError(f"cannot read trial list {path} ({err})") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 3 or parts[0] not in ("0", "1"):
-            raise ManifestError(f"{path}:{n}: expected '<1|0> <utt1> <utt2>', got {line.strip()[:80]!r}")
-        rows.append((n, Trial(parts[1], parts[2], parts[1], parts[2], int(parts[0]))))
-    return [(t.label, t.id1, t.id2) for t in check_trials(path, rows)]
+    """(label, utt1, utt2) per trial of a labelled text trial list, in order, as written (read_text_trials)."""
+    return [(t.label, t.id1, t.id2) for t in read_text_trials(path)]
 
 
 def speaker_map(utterances: list[Utterance]) -> dict[str, int]:

@@ -10,7 +10,7 @@
                               when the run had no calibration list
       results.json            {list: results.json of this checkpoint} as evaluate.py scored it
       README.md               the model card (upstream, recipe, training data, metrics, selection protocol)
-      embedder.onnx           optional (--export_onnx): wav (1, T) -> embedding (1, E), asv/onnx_export.py
+      embedder.onnx           optional (python -m asv export_onnx): wav (1, T) -> embedding (1, E), asv/onnx_export.py
 
 model.json, abridged:
 
@@ -40,6 +40,7 @@ from pathlib import Path
 from asv.calibration import Calibration
 from asv.config import TrainConfig, load_train_config
 from asv.errors import CheckpointError, ConfigError, one_line
+from asv.extract import Embedder
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -94,8 +95,6 @@ def export_model(
         calibration.save(tmp / "calibration.json")
     (tmp / "results.json").write_text(json.dumps(results, indent=1))
     up = cfg.model
-    from asv.extract import Embedder  # the model's minimum input length needs the built upstream
-
     meta = {
         "format_version": FORMAT_VERSION,
         "library": "superb-asv",

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from asv.config import DOWNSTREAM_NAMES, registry
 from asv.errors import ConfigError, UpstreamError
 from asv.losses import build_loss
 
@@ -48,19 +49,6 @@ class TDNN(nn.Module):
         x = self.drop(F.relu(x))
         return x if self.bn is None else self.bn(x)
 
-    def forward_packed(self, x: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N - (ctx-1)*dil, out), no batch norm
-        """The same layer over utterances packed end to end along time, channels last: one matrix product per
-        context offset, on a contiguous slice of the packed frames (the outputs whose window crosses into the
-        next utterance are computed too, and never read). Its backward is plain matrix products as well, where
-        oneDNN's backward for one long convolution runs at a third of the speed."""
-        span = (self.context_size - 1) * self.dilation
-        weight = self.kernel.weight.view(-1, self.context_size, self.input_size)
-        y = F.linear(x[: x.size(0) - span], weight[:, 0], self.kernel.bias)
-        for k in range(1, self.context_size):
-            offset = k * self.dilation
-            y = y.addmm(x[offset : x.size(0) - span + offset], weight[:, k].t())
-        return self.drop(F.relu(y))
-
 
 def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Mean || unbiased std over the first `lengths[b]` frames of each item: (B, T, D) -> (B, 2D).
@@ -82,29 +70,10 @@ def _std(var: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, var, torch.ones_like(var)).sqrt() * positive
 
 
-def segment_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """masked_mean_std for items packed end to end: (sum(lengths), D) -> (B, 2D)."""
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
-    n = lengths.clamp(min=1).to(x.dtype)[:, None]
-    mean = x.new_zeros(len(lengths), x.size(1)).index_add_(0, segment, x) / n
-    var = x.new_zeros(len(lengths), x.size(1)).index_add_(0, segment, (x - mean[segment]) ** 2) / (n - 1).clamp(min=1)
-    return torch.cat([mean, _std(var)], dim=-1)
-
-
-# The x-vector packs a batch's valid frames (SuperbXvector._packed) when at least this share of its frames is padding.
-PACK_ABOVE_PADDING = 0.1
-
-
 class SuperbXvector(nn.Module):
     """SUPERB's x-vector (Snyder et al., 2018) with the layout and parameter names of s3prl's SuperbXvector.
 
     `tdnn_size` is the width of TDNN layers 1-4, which s3prl hard-codes to 512 (the default here too).
-
-    A batch with padding (a tenth of its frames or more) runs on its valid frames only, packed end to end: an
-    utterance's pooled frames read only its own valid frames (the stack is unpadded, so each output frame reads
-    the 15 input frames from itself on, and pooling stops 14 frames before the utterance's end), so the result
-    is the padded batch's, without the work on padding (tests/test_models.py). Not with batch norm, whose
-    statistics s3prl takes over the padded frames too, and on CPUs only (`_packs`).
     """
 
     def __init__(
@@ -141,39 +110,13 @@ class SuperbXvector(nn.Module):
                 f"utterance too short for the x-vector: it needs at least {XVECTOR_LENGTH_REDUCTION + 1} "
                 "upstream frames (0.15 s at 10 ms frames, 0.3 s at 20 ms)"
             )
-        if self._packs(x, x_len):
-            pooled = self._packed(x, x_len)
-        else:
-            # The TDNN stack runs channels first, the layout its convolutions take, so no layer transposes.
-            x = self.tdnns.module(self.projector(x).transpose(1, 2))  # (B, 1500, T-14)
-            pooled = masked_mean_std(x.transpose(1, 2), x_len - XVECTOR_LENGTH_REDUCTION)
+        # The TDNN stack runs channels first, the layout its convolutions take, so no layer transposes.
+        x = self.tdnns.module(self.projector(x).transpose(1, 2))  # (B, 1500, T-14)
+        pooled = masked_mean_std(x.transpose(1, 2), x_len - XVECTOR_LENGTH_REDUCTION)
         h = F.relu(self.affine.linear1(pooled))
         if self.training:
             h = F.relu(self.affine.linear2(h))
         return h
-
-    def _packs(self, x: torch.Tensor, x_len: torch.Tensor) -> bool:
-        # Packing sizes tensors by the lengths: a host sync, cheap next to a CPU's compute but not on a GPU's
-        # queue, and compile/export cannot trace it.
-        if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            return False
-        if any(layer.bn is not None for layer in self.tdnns.module):
-            return False
-        return float(x_len.sum()) <= (1 - PACK_ABOVE_PADDING) * x.size(0) * x.size(1)
-
-    def _packed(self, x: torch.Tensor, x_len: torch.Tensor) -> torch.Tensor:
-        """Pooled statistics (B, 2 * aggregation) from the valid frames of (B, T, D) x, packed end to end."""
-        valid = torch.arange(x.size(1), device=x.device)[None, :] < x_len[:, None]
-        h = self.projector(x[valid])  # (sum(x_len), hidden)
-        for layer in self.tdnns.module:
-            h = layer.forward_packed(h)
-        # Utterance i's outputs are the first x_len[i] - 14 of the frames from its own first one on.
-        out_len = x_len - XVECTOR_LENGTH_REDUCTION
-        first = torch.repeat_interleave(torch.cumsum(x_len, 0) - x_len, out_len)
-        within = torch.arange(int(out_len.sum()), device=x.device) - torch.repeat_interleave(
-            torch.cumsum(out_len, 0) - out_len, out_len
-        )
-        return segment_mean_std(h[first + within], out_len)
 
 
 def _length_mask(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -287,12 +230,15 @@ class EcapaTdnn(nn.Module):
 
 
 # name -> constructor from the featurizer's output size and the model config section (asv.config.ModelConfig).
-DOWNSTREAMS = {
-    "xvector": lambda d, m: SuperbXvector(
-        d, m.embed_dim, m.hidden_size, m.aggregation_size, m.dropout_p, m.batch_norm, m.tdnn_size
-    ),
-    "ecapa": lambda d, m: EcapaTdnn(d, m.embed_dim, channels=m.ecapa_channels),
-}
+DOWNSTREAMS = registry(
+    DOWNSTREAM_NAMES,
+    {
+        "xvector": lambda d, m: SuperbXvector(
+            d, m.embed_dim, m.hidden_size, m.aggregation_size, m.dropout_p, m.batch_norm, m.tdnn_size
+        ),
+        "ecapa": lambda d, m: EcapaTdnn(d, m.embed_dim, channels=m.ecapa_channels),
+    },
+)
 
 
 class Featurizer(nn.Module):
@@ -304,7 +250,7 @@ class Featurizer(nn.Module):
     more: s3prl multiplies and sums a layers x frames x dims temporary in each direction, three times the
     memory traffic (on a 2-core CPU, 0.30 s -> 0.09 s per HuBERT Base batch of 10 x 5 s, forward and
     backward). Stacking copies the states into an ordinary tensor, so inference-mode states from a frozen
-    upstream need no clone first (asv.upstream.trainable_inputs). A single selected state also works (s3prl
+    upstream need no clone first (asv.forward.training_features). A single selected state also works (s3prl
     asserts there); a single-state upstream passes through unchanged.
     """
 

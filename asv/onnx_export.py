@@ -1,7 +1,6 @@
 """ONNX export of a model directory's embedder: one utterance of 16 kHz audio in, its embedding out.
 
     python -m asv export_onnx --model models/demo        # writes models/demo/embedder.onnx, recorded in model.json
-    python evaluate.py --ckpt_dir exp/<run>/step-<N> --export_model models/demo --export_onnx true
 
 The graph is wav (1, T) float32 -> upstream hidden states -> featurizer -> downstream -> speaker_embedding (1, E),
 with T dynamic from the recorded `onnx.min_samples` to `MAX_SECONDS` of audio. It is traced with
@@ -23,6 +22,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import json
 import logging
 import types
 import warnings
@@ -32,11 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from asv.api import load_model
+from asv.audio import apply_gain, load_audio, sox_silence
+from asv.conventions import SAMPLE_RATE, num_frames
 from asv.errors import ConfigError, UpstreamError, one_line
+from asv.modeldir import add_file, read_model_dir
 
 ONNX_FILE = "embedder.onnx"
 MAX_SECONDS = 600
-SAMPLE_RATE = 16000
 # s3prl expert module -> (name of its waveform-normalisation flag, extract_features keyword arguments).
 SSL_EXPERTS = {
     "s3prl.upstream.wav2vec2.expert": ("wav_normalize", {}),
@@ -69,8 +72,8 @@ class UpstreamGraph(torch.nn.Module):
         hidden = self.upstream.upstream([wav[0]])["hidden_states"]
         states = []
         for h, stride in zip(hidden, self.upstream.downsample_rates, strict=True):
-            # S3PRLUpstream: every state is cut or edge-padded to len(range(0, T, stride)) frames, all valid.
-            n = (n_samples - 1) // stride + 1
+            # S3PRLUpstream: every state is cut or edge-padded to num_frames(T, stride) frames, all valid.
+            n = num_frames(n_samples, stride)
             if h.shape[1] < n:
                 h = torch.cat([h, h[:, -1:].expand(-1, n - h.shape[1], -1)], dim=1)
             h = h[:, :n]
@@ -188,9 +191,6 @@ def _attr(obj, dotted: str):
 
 def export_onnx(model_dir: str | Path, device: str = "cpu", opset: int | None = None) -> Path:
     """Write DIR/embedder.onnx for a model directory and record it (sha256, input contract) in model.json."""
-    from asv.api import load_model
-    from asv.modeldir import add_file
-
     model_dir = Path(model_dir)
     embedder = load_model(model_dir, device).embedder
     path = model_dir / ONNX_FILE
@@ -295,16 +295,12 @@ class OnnxEmbedder:
     test effects): what a deployment outside PyTorch has to reproduce."""
 
     def __init__(self, model_dir: str | Path):
-        import json
-
         try:
-            import onnxruntime
+            import onnxruntime  # optional (the "onnx" extra): only running an exported graph needs it
         except ImportError as err:
             raise ConfigError(
                 f'running embedder.onnx needs onnxruntime ({one_line(err)}): pip install -e ".[onnx]"'
             ) from None
-
-        from asv.modeldir import read_model_dir
 
         info = read_model_dir(model_dir)  # validates the hashes, embedder.onnx's included
         if "onnx" not in info.meta:
@@ -316,11 +312,8 @@ class OnnxEmbedder:
         self.meta = json.loads((Path(model_dir) / "model.json").read_text())
 
     def prepare(self, wav: np.ndarray) -> np.ndarray:
-        from asv.audio import SAMPLE_RATE as SR
-        from asv.audio import apply_gain, sox_silence
-
         if self.contract["test_effects"]:
-            kept = sox_silence(apply_gain(wav, -3.0), SR)
+            kept = sox_silence(apply_gain(wav, -3.0), SAMPLE_RATE)
             wav = kept if len(kept) else wav
         n = self.contract["min_samples"]
         if len(wav) < n:
@@ -331,6 +324,4 @@ class OnnxEmbedder:
         return self.session.run(None, {"wav": self.prepare(np.asarray(wav, dtype=np.float32))})[0][0]
 
     def embed(self, paths: list[str]) -> np.ndarray:
-        from asv.audio import load_audio
-
         return np.stack([self.embed_wav(load_audio(p)) for p in paths])

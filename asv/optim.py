@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import yaml
 
 from asv.errors import ConfigError
 
 
-def build_optimizer_and_scheduler(
-    optim_cfg, model: torch.nn.Module, upstream: torch.nn.Module | None, fused: bool = False
-):
+def build_optimizer_and_scheduler(optim_cfg, model: torch.nn.Module, upstream: torch.nn.Module | None):
     """One optimizer over the trainable tensors, with its own learning rate for the featurizer's layer
-    weights (--featurizer_lr) and a fine-tuned upstream (--upstream_lr). With `fused` (train.py on GPUs), an
-    optimizer that has a fused kernel (Adam, AdamW, SGD, ...) uses it: the same update in one kernel launch, and it
-    can skip a non-finite update on the device (asv.training.skips_on_device). CPUs keep torch's default kernels,
-    the ones s3prl's runner uses (the parity tests compare losses with them)."""
+    weights (--featurizer_lr) and a fine-tuned upstream (--upstream_lr). torch's default kernels, the ones
+    s3prl's runner uses (the parity tests compare losses with them)."""
     if not hasattr(torch.optim, optim_cfg.optimizer):
         raise ConfigError(f"--optimizer {optim_cfg.optimizer} is not a torch.optim class")
     featurizer = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("featurizer.")]
@@ -33,8 +27,7 @@ def build_optimizer_and_scheduler(
             }
         )
     cls = getattr(torch.optim, optim_cfg.optimizer)
-    extra = {"fused": True} if fused and "fused" in inspect.signature(cls).parameters else {}
-    optimizer = cls(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, **extra)
+    optimizer = cls(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
     scheduler = None
     if optim_cfg.scheduler:
         if not hasattr(torch.optim.lr_scheduler, optim_cfg.scheduler):

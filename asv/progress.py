@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
+from asv.errors import ConfigError
+
 
 def is_terminal() -> bool:
     return sys.stderr.isatty()
@@ -59,8 +61,6 @@ def line_interval() -> float:
     try:
         return float(value)
     except ValueError:
-        from asv.errors import ConfigError
-
         raise ConfigError(f"ASV_PROGRESS_EVERY_S={value!r} is not a number of seconds; unset it or set 30") from None
 
 

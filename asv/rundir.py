@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from accelerate.utils import load
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -136,8 +137,6 @@ def verify_checkpoint(ckpt: Path, for_resume: bool = True) -> None:
     _check_safetensors(ckpt / "embedder.safetensors")
     if not for_resume:
         return
-    from accelerate.utils import load
-
     for path in sorted(ckpt.iterdir()):
         if CUSTOM_PICKLE.match(path.name):
             raise CheckpointError(

@@ -16,6 +16,8 @@ Layout (paths relative to `root`):
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +25,9 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
+from asv.conventions import SAMPLE_RATE
 from asv.manifest import make_trials
 
-SAMPLE_RATE = 16000
 # Bump when the generator changes what a seed produces, so prepare.py regenerates a stale corpus.
 CORPUS_VERSION = 3
 
@@ -285,9 +287,6 @@ def generate_corpus(
         for (split, spk), stream in zip(speakers, streams, strict=False)
     ]
     if num_workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         # fork: the workers inherit the imported modules instead of re-importing them (seconds each).
         with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork")) as pool:
             written = list(pool.map(_write_speaker_job, jobs, chunksize=max(1, len(jobs) // (4 * num_workers))))

@@ -3,13 +3,15 @@ their log record, the skip guard, and the dev-list EER at each checkpoint."""
 
 from __future__ import annotations
 
-import itertools
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 
 from asv.errors import AsvError
+from asv.extract import ModelEmbedder, trial_list_eer
+from asv.forward import training_features
 
 
 class TrainingDiverged(AsvError):
@@ -119,109 +121,69 @@ class RunningStats:
         return record
 
 
-def skips_on_device(optimizer, accelerator) -> bool:
-    """Whether the optimizer can skip a non-finite update by itself, with no host sync: torch's fused Adam/AdamW/
-    SGD kernels read a `found_inf` tensor (GradScaler's mechanism) and leave parameters, moments and step counts
-    as they were where it is 1. Used on GPUs (asv.optim builds fused optimizers there); under fp16 loss scaling
-    Accelerate's GradScaler already skips such updates and owns that attribute."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps torch's
-    return bool(inner.defaults.get("fused")) and getattr(accelerator, "scaler", None) is None
+@dataclass
+class Trainee:
+    """What a training step runs and updates: the (prepared) model, its upstream, and their optimizer and scheduler.
+    `finetune`: the upstream trains too (--upstream_trainable); a frozen one runs at `upstream_precision`."""
+
+    model: torch.nn.Module
+    upstream: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    finetune: bool = False
+    upstream_precision: str = "fp32"
 
 
-def train_step(
-    accelerator,
-    model,
-    upstream,
-    optimizer,
-    scheduler,
-    batch,
-    finetune: bool,
-    precision,
-    stats,
-    upstream_precision="fp32",
-    trim_padding=True,
-    features=None,
-):
+def train_step(accelerator, trainee: Trainee, batch, stats: RunningStats):
     """One batch of train.py's loop (and of the s3prl parity test, which runs exactly this).
 
-    Upstream features under `precision` (a frozen upstream autocast alone to `upstream_precision`), the model's
-    (loss, logits), Accelerate's backward (the loss divided by the accumulation), and on the batch that
-    completes an update: the gradient norm clipped to stats.gradient_clipping, then the optimizer step, skipped
-    when the norm is not finite, and the scheduler step, taken either way, as s3prl's runner does (skips are
-    counted in `stats`, which gives up when they keep happening: the run has diverged). On a GPU nothing here
-    waits for the device (skips_on_device). `features`: the batch's upstream (hidden, hidden_len), computed already
-    (upstream_groups). Returns (loss, gradient norm or None)."""
-    from asv.upstream import upstream_features
-
+    The upstream's hidden states (asv.forward.training_features; a neural upstream under --mixed_precision's
+    autocast), the model's (loss, logits), Accelerate's backward (the loss divided by the accumulation), and on
+    the batch that completes an update: the gradient norm clipped to stats.gradient_clipping, then the optimizer
+    step, skipped when the norm is not finite, and the scheduler step, taken either way, as s3prl's runner does
+    (skips are counted in `stats`, which gives up when they keep happening: the run has diverged). Returns (loss,
+    gradient norm or None)."""
     # train.py's loader leaves batches on the host: audio and labels go to the device without blocking (from pinned
     # memory on GPUs); the lengths stay on the host for the upstream, whose S3PRLUpstream takes their max and slices
     # each utterance by them (each a host sync on a GPU tensor), and its output lengths follow the audio.
     wav, wav_len, labels = batch
     device = accelerator.device
     wav, labels = _to(wav, device), _to(labels, device)
+    t = trainee
+    # bf16/fp16 only pays off for neural upstreams; signal-processing front-ends stay in fp32.
+    autocast = None if getattr(t.upstream, "weight_free", False) else accelerator.autocast()
     grad_norm = None
-    with accelerator.accumulate(model, *([upstream] if finetune else [])):
-        # A frozen upstream runs in inference mode, so no autograd graph goes through it.
-        hidden, hidden_len = features or upstream_features(
-            upstream, wav, wav_len, finetune, precision, upstream_precision, trim_padding
+    with accelerator.accumulate(t.model, *([t.upstream] if t.finetune else [])):
+        hidden, hidden_len = training_features(
+            t.upstream,
+            wav,
+            wav_len,
+            trainable=t.finetune,
+            autocast=autocast,
+            upstream_precision=t.upstream_precision,
         )
         hidden_len = [_to(n, device) for n in hidden_len]
-        loss, logits = model(hidden, hidden_len, labels)
+        loss, logits = t.model(hidden, hidden_len, labels)
         accelerator.backward(loss)
         stats.add(loss, logits, labels)
         if accelerator.sync_gradients:
-            grad_norm = update(accelerator, optimizer, scheduler, stats)
-        optimizer.zero_grad()
+            grad_norm = update(accelerator, t.optimizer, t.scheduler, stats)
+        t.optimizer.zero_grad()
     return loss.detach(), grad_norm
 
 
 def update(accelerator, optimizer, scheduler, stats) -> torch.Tensor:
     """The end of an update: clip, optimizer step unless the norm is not finite, scheduler step, skip count.
-    Returns the gradient norm (a device tensor: nothing here reads it where skips_on_device)."""
+    Returns the gradient norm."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = accelerator.clip_grad_norm_(params, stats.gradient_clipping)
     applied = torch.isfinite(grad_norm)
-    if skips_on_device(optimizer, accelerator):
-        getattr(optimizer, "optimizer", optimizer).found_inf = (~applied).float()
-        optimizer.step()
-    elif bool(applied):  # reads the norm: a host sync, which costs nothing on a CPU
+    if bool(applied):  # s3prl's runner reads the norm on the host too
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
     stats.update_done(applied)
     return grad_norm
-
-
-def upstream_groups(
-    batches, upstream, n: int, device, precision, upstream_precision: str = "fp32", trim_padding: bool = True
-):
-    """(batch, features or None) for each batch of `batches`, in order. With n > 1, a frozen wav2vec 2.0 / HuBERT /
-    WavLM's forward of n batches at a time runs as one (asv.padding_trim.grouped_upstream_forward: each batch's own
-    features); `precision` makes the autocast context train_step would use. Batches the padding trim serves (a
-    CPU: cheaper still) and a joint forward that runs out of memory (not retried) get None: train_step then
-    computes their features one batch at a time."""
-    from asv.padding_trim import groupable, grouped_upstream_forward, trimmable
-    from asv.upstream import trainable_inputs
-
-    if n <= 1:
-        yield from ((batch, None) for batch in batches)
-        return
-    it, fits = iter(batches), True
-    while chunk := list(itertools.islice(it, n)):
-        pairs = [(_to(wav, device), wav_len) for wav, wav_len, _ in chunk]
-        features = [None] * len(chunk)
-        trimmed = trim_padding and any(trimmable(upstream, wav, wav_len) for wav, wav_len in pairs)
-        if fits and not trimmed and groupable(upstream, pairs):
-            try:
-                with precision():
-                    features = [
-                        trainable_inputs(*f) for f in grouped_upstream_forward(upstream, pairs, upstream_precision)
-                    ]
-            except torch.OutOfMemoryError:
-                fits = False
-                torch.cuda.empty_cache()
-                print(f"note: {n} batches do not fit one upstream forward here; one per batch from now on", flush=True)
-        yield from (((*pairs[i], chunk[i][2]), f) for i, f in enumerate(features))
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -244,11 +206,11 @@ def dev_eer(
     accelerator, upstream, model, dev_trials, lengths: dict[str, int], test_effects: bool, upstream_precision="fp32"
 ) -> float:
     """EER (percent) of the model being trained on the held-out dev list, embedding sharded across processes."""
-    from asv.extract import ModelEmbedder, trial_list_eer
-
     net = accelerator.unwrap_model(model)
     net.eval()
     embedder = ModelEmbedder(upstream, net, upstream_precision)
-    eer, _ = trial_list_eer(embedder, dev_trials, lengths, None, test_effects, accelerator)
+    eer, _ = trial_list_eer(
+        embedder, dev_trials, lengths, cache_file=None, effects=test_effects, accelerator=accelerator
+    )
     net.train()
     return 100.0 * eer

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 import torchaudio
+from torch.utils.checkpoint import checkpoint
+from torchaudio.compliance import kaldi
 
+from asv.conventions import MIN_SAMPLES, SAMPLE_RATE, num_frames
 from asv.errors import ConfigError, UpstreamError
 
 # s3prl 0.4.18 calls torchaudio.set_audio_backend at import time and imports torchaudio.sox_effects in
@@ -77,10 +80,9 @@ __all__ = [
     "check_upstream_precision",
     "disable_layerdrop",
     "enable_gradient_checkpointing",
+    "fbank_batchable",
     "fbank_batched",
     "list_upstreams",
-    "trainable_inputs",
-    "upstream_features",
     "upstream_forward",
 ]
 
@@ -188,14 +190,12 @@ def upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor, precisi
     """Hidden states of a frozen upstream, always in eval mode (dropout off), as SuperbASV does.
 
     Inference mode skips autograd bookkeeping entirely; its outputs cannot be saved for a backward
-    pass, so a training step clones them first (`trainable_inputs`). `precision` bf16/fp16 autocasts
+    pass, so a training step clones them first (asv.forward.training_features). `precision` bf16/fp16 autocasts
     the upstream alone; its hidden states come back as fp32, so the featurizer, downstream and head
     compute exactly as they would after an fp32 upstream."""
     check_upstream_precision(precision, trainable=False)
     upstream.eval()
     dtype = None if getattr(upstream, "weight_free", False) else UPSTREAM_PRECISIONS[precision]
-    if _fbank_batchable(upstream, wav, wav_len):
-        return fbank_batched(upstream, wav, wav_len)
     if dtype is None:
         return upstream(wav, wav_len)
     with torch.autocast(wav.device.type, dtype=dtype):
@@ -203,16 +203,14 @@ def upstream_forward(upstream, wav: torch.Tensor, wav_len: torch.Tensor, precisi
     return [h.float() for h in hidden], hidden_len
 
 
-def _fbank_batchable(upstream, wav: torch.Tensor, wav_len: torch.Tensor) -> bool:
-    """Whether fbank_batched stands in for s3prl here: training crops (all one length, no padding), fbank only
-    (the one front-end it was checked against). Not while something observes the expert's per-utterance
-    extraction (asv.batch_exact records its frame counts through `_extractor_forward`): it would see no call."""
+def fbank_batchable(upstream, wav: torch.Tensor, wav_len: torch.Tensor) -> bool:
+    """Whether fbank_batched stands in for s3prl's fbank here: training crops (several, all one length, no
+    padding) of the `fbank` front-end (the one it was checked against)."""
     return (
         getattr(upstream, "name", None) == "fbank"
         and wav.dim() == 2
         and wav.size(0) > 1
         and bool((wav_len == wav.size(1)).all())
-        and "_extractor_forward" not in vars(upstream.upstream)
     )
 
 
@@ -233,13 +231,10 @@ def fbank_batched(upstream, wav: torch.Tensor, wav_len: torch.Tensor):
     another GEMM kernel (tests/test_fbank_batched.py). Cheaper formulas would do for most bands, but a band at
     the log floor for a whole crop has a std of pure rounding noise, and CMVN's quotient there (~1e4) is
     rounding noise too."""
-    from s3prl.nn.upstream import MIN_SECOND, SAMPLE_RATE
-    from torchaudio.compliance import kaldi
-
     extract, delta, cmvn = upstream.upstream.extracter
     opts = {k: p.default for k, p in inspect.signature(kaldi.fbank).parameters.items()} | extract.kwargs
     # S3PRLUpstream zero-extends a batch shorter than its minimum before the expert sees it.
-    x = torch.nn.functional.pad(wav, (0, max(0, int(MIN_SECOND * SAMPLE_RATE) - wav.size(1))))
+    x = torch.nn.functional.pad(wav, (0, max(0, MIN_SAMPLES - wav.size(1))))
     framing = [opts[k] for k in ("frame_shift", "frame_length", "round_to_power_of_two", "preemphasis_coefficient")]
     _, shift, size, padded_size = kaldi._get_waveform_and_window_properties(x[:1], 0, SAMPLE_RATE, *framing)
     window = kaldi._feature_window_function(opts["window_type"], size, opts["blackman_coeff"], x.device, x.dtype)
@@ -259,43 +254,12 @@ def fbank_batched(upstream, wav: torch.Tensor, wav_len: torch.Tensor):
         h = torch.cat(feats, -1)
         out.append((h - h.mean(1, keepdim=True)) / (cmvn.eps + h.std(1, keepdim=True)) if cmvn.use_cmvn else h)
     stride = upstream.downsample_rates[0]
-    h_len = torch.div(wav_len - 1, stride, rounding_mode="floor") + 1
-    # s3prl's length rule: ceil(len / stride) frames, the last one repeated past the expert's own.
-    h = upstream._match_length(torch.cat(out), len(range(0, x.size(1), stride)))[:, : int(h_len.max())]
+    h_len = num_frames(wav_len, stride)
+    # s3prl's length rule: the last frame repeated past the expert's own.
+    h = upstream._match_length(torch.cat(out), num_frames(x.size(1), stride))[:, : int(h_len.max())]
     if upstream.normalize:
         h = torch.nn.functional.layer_norm(h, h.shape[-1:])
     return [h], [h_len]
-
-
-def upstream_features(
-    upstream,
-    wav: torch.Tensor,
-    wav_len: torch.Tensor,
-    trainable: bool,
-    precision,
-    upstream_precision: str = "fp32",
-    trim_padding: bool = True,
-):
-    """The hidden states a training step feeds the featurizer, under the `precision` autocast context: a
-    fine-tuned upstream runs with autograd; a frozen one in inference mode, its outputs copied out of it
-    (with `trim_padding`, computed without the batch's padding where asv.padding_trim can: the same values)."""
-    from asv.padding_trim import trimmable, trimmed_upstream_forward
-
-    with precision:
-        if trainable:
-            return upstream(wav, wav_len)
-        forward = trimmed_upstream_forward if trim_padding and trimmable(upstream, wav, wav_len) else upstream_forward
-        return trainable_inputs(*forward(upstream, wav, wav_len, upstream_precision))
-
-
-def trainable_inputs(hidden: list[torch.Tensor], hidden_len: list[torch.Tensor]):
-    """Inference-mode hidden states made usable by a training step. Several states need nothing: the
-    featurizer (asv.models.Featurizer) stacks them into an ordinary tensor first, and that copy is all the
-    backward pass keeps. A single state goes straight to the downstream, which saves its input for the
-    backward pass, so it is cloned into an ordinary tensor."""
-    if len(hidden) > 1:
-        return hidden, hidden_len
-    return [h.clone() for h in hidden], [n.clone() for n in hidden_len]
 
 
 def disable_layerdrop(upstream: torch.nn.Module) -> int:
@@ -330,8 +294,6 @@ def enable_gradient_checkpointing(upstream: torch.nn.Module) -> int:
 
 
 def _checkpointed(forward):
-    from torch.utils.checkpoint import checkpoint
-
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)

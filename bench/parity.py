@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -108,7 +107,7 @@ def our_training(cfg, crops: dict, batches: list[list[int]], init_state: dict, n
     from asv.datasets import collate_train
     from asv.models import build_speaker_model
     from asv.optim import build_optimizer_and_scheduler
-    from asv.training import RunningStats, train_step
+    from asv.training import RunningStats, Trainee, train_step
     from asv.upstream import build_upstream
 
     accelerator = Accelerator(
@@ -126,11 +125,12 @@ def our_training(cfg, crops: dict, batches: list[list[int]], init_state: dict, n
     stats = RunningStats(accelerator.device, cfg.run.max_consecutive_skips, cfg.optim.gradient_clipping)
     head = accelerator.unwrap_model(model).head
     model.train()
+    trainee = Trainee(model, upstream, optimizer, scheduler)
     losses, step = [], 0
     for index in batches:
         batch = collate_train([(crops["crops"][i], crops["labels"][i]) for i in index])
         head.set_step(step)  # the margin schedule (none by default) follows the update count, as in train.py
-        loss, _ = train_step(accelerator, model, upstream, optimizer, scheduler, batch, False, nullcontext(), stats)
+        loss, _ = train_step(accelerator, trainee, batch, stats)
         losses.append(loss.item())
         step += accelerator.sync_gradients
     state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}

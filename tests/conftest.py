@@ -13,6 +13,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # (a 4-update train.py run: 23 CPU-s with 2 threads, 11 with 1, measured on 2 shared cores). Results do not
 # depend on it: every comparison in the suite is between runs made with the same setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `make test-numerics` reruns the float-sensitive tests as on a CPU without AVX-512 (ATEN_CPU_CAPABILITY=avx2 or
+# default). Such a CPU limits oneDNN too: with ATen's kernels limited alone, torch 2.13's bf16 attention still packs
+# its operands for oneDNN's AVX-512 kernels and raises "pack_vnni2 is only supported when avx512 is supported".
+# oneDNN reads the variable at its first use, after this (and every script a test starts inherits it).
+if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 
 @pytest.fixture(scope="session")

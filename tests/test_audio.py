@@ -144,6 +144,7 @@ def random_signal(rng: np.random.Generator, seconds: float) -> np.ndarray:
     return np.clip(np.concatenate(parts), -1, 1).astype(np.float32)
 
 
+@pytest.mark.numerics
 def test_vad_matches_sample_loop_port_of_silence_c():
     rng = np.random.default_rng(1)
     for _ in range(12):
@@ -154,6 +155,7 @@ def test_vad_matches_sample_loop_port_of_silence_c():
         np.testing.assert_allclose(got, expected, atol=2**-30)
 
 
+@pytest.mark.numerics
 def test_vad_restart_zeroes_the_rms_window():
     # Just below the threshold until the restart, then just above it: with a continuous window the
     # quiet part would count at once, but sox zeroes the window on restart, so the RMS has to build up.
@@ -177,6 +179,7 @@ def test_vad_is_fast():
 
 
 @pytest.mark.skipif(shutil.which("sox") is None, reason="sox binary not installed")
+@pytest.mark.numerics
 def test_vad_matches_sox_binary(tmp_path):
     rng = np.random.default_rng(3)
     for i in range(10):

@@ -59,6 +59,7 @@ def test_wavs_are_found_recursively(aug_dirs):
     assert [p.split("musan/")[1] for p in found] == ["music/b.wav", "noise/free-sound/a.wav"]
 
 
+@pytest.mark.numerics
 def test_add_noise_hits_the_requested_snr():
     rng = np.random.default_rng(1)
     wav, noise = rng.standard_normal(SR).astype(np.float32), 5 * rng.standard_normal(SR // 3).astype(np.float32)
@@ -71,6 +72,7 @@ def test_add_noise_hits_the_requested_snr():
     np.testing.assert_allclose(added[: SR // 3], added[SR // 3 : 2 * (SR // 3)], atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_reverberate_is_normalised_convolution():
     rng = np.random.default_rng(2)
     wav = rng.standard_normal(4000).astype(np.float32)

@@ -15,7 +15,7 @@ import asv.extract
 import evaluate
 import prepare
 import train
-from asv.batch_exact import exact_upstream_forward, plan_for
+from asv.batch_exact import batch1_upstream_forward, exact_upstream_forward, plan_for
 from asv.config import LossConfig, ModelConfig
 from asv.extract import ModelEmbedder
 from asv.models import build_speaker_model
@@ -70,6 +70,7 @@ def valid_frame_gap(hs, lens, singles) -> float:
 
 
 @pytest.mark.parametrize("name, size", CASES, ids=[f"{n}-{s or 'signal'}" for n, s in CASES])
+@pytest.mark.numerics
 def test_batched_equals_batch_1(name, size, ckpts, monkeypatch):
     upstream = load(ckpts, name, size)
     assert plan_for(upstream).exact, plan_for(upstream).reason
@@ -88,12 +89,15 @@ def test_batched_equals_batch_1(name, size, ckpts, monkeypatch):
     model = build_speaker_model(ModelConfig(upstream=name), LossConfig(), upstream, num_classes=4).eval()
     with torch.inference_mode():  # the reference: s3prl's batch-1 hidden states through the same model
         single = torch.cat([model.embed(*s) for s in singles[: len(SECONDS)]])
-    for alone in (False, True):  # evaluation's embedder: the GPU's batch-exact batch, the CPU's one by one
-        monkeypatch.setattr(asv.extract, "ALONE_ON_CPU", alone)
-        batched = ModelEmbedder(upstream, model)(*padded(wavs[: len(SECONDS)]))
-        assert torch.nn.functional.cosine_similarity(single, batched).min() >= MIN_COSINE, alone
+    # Both branches of asv.forward.embedding_features: the GPU's batch-exact batch, the CPU's one by one.
+    for forward in (exact_upstream_forward, batch1_upstream_forward):
+        with torch.inference_mode():
+            batched = model.embed(*forward(upstream, *padded(wavs[: len(SECONDS)])))
+        assert torch.nn.functional.cosine_similarity(single, batched).min() >= MIN_COSINE, forward.__name__
+    assert torch.equal(ModelEmbedder(upstream, model)(*padded(wavs[: len(SECONDS)])), batched)  # CPU: batch 1
 
 
+@pytest.mark.numerics
 def test_patches_live_only_inside_the_embedding_forward(ckpts):
     """Training keeps s3prl's padded behaviour (its group norm sees the padding) and runs no added code."""
     upstream = load(ckpts, "hubert_local", "tiny")
@@ -193,9 +197,11 @@ def hubert_run(ckpts, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_evaluate_gives_the_batch_1_eer(hubert_run, tmp_path, monkeypatch):
     """evaluate.py's length-sorted batches (2.5-6 s demo utterances, several per batch) score as batch 1 does."""
-    monkeypatch.setattr(asv.extract, "ALONE_ON_CPU", False)  # the GPU's batch-exact padded batches, here on CPU
+    # The GPU's branch of asv.forward.embedding_features (batch-exact padded batches), here on CPU.
+    monkeypatch.setattr(asv.extract, "embedding_features", exact_upstream_forward)
     results = {}
     for budget in ("400000", "1"):  # the default; 1 sample puts every utterance in a batch of its own
         out = tmp_path / budget

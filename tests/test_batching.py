@@ -1,6 +1,7 @@
 """An embedding must not depend on what it is batched with: batched == batch-size-1 through the whole model."""
 
 import numpy as np
+import pytest
 import torch
 
 from asv.config import LossConfig, ModelConfig
@@ -18,6 +19,7 @@ def test_length_buckets_respect_the_budget_and_cover_everything():
     assert [5] in batches  # longer than the budget: alone
 
 
+@pytest.mark.numerics
 def test_batched_embeddings_equal_single_utterance_embeddings():
     torch.manual_seed(0)
     upstream = build_upstream("fbank")

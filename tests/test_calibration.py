@@ -12,6 +12,7 @@ from asv.metrics import cllr
 from asv.scoring import enrollment_model, l2_normalise
 
 
+@pytest.mark.numerics
 def test_fit_is_the_cllr_minimum():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 4000)
@@ -93,6 +94,7 @@ def test_enrolling_with_several_files_lowers_eer():
     assert eers["multi"] < eers["single"], eers
 
 
+@pytest.mark.numerics
 def test_enrollment_model_is_the_renormalised_mean_of_unit_vectors():
     emb = np.array([[3.0, 0.0], [0.0, 0.5]])  # different norms must not weigh differently
     np.testing.assert_allclose(enrollment_model(emb), [np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-12)

@@ -38,6 +38,7 @@ def test_config_selects_channels():
     assert small.conv1.out_channels == 512 and big.conv1.out_channels == 1024 and small.output_size == 192
 
 
+@pytest.mark.numerics
 def test_frame_level_layers_match_s3prl_ecapa():
     """Same blocks as s3prl.nn.speaker_model.ECAPA_TDNN (SE bottleneck 128, Res2Net scale 8, 1536-ch MFA)."""
     from s3prl.nn.speaker_model import ECAPA_TDNN
@@ -71,6 +72,7 @@ def test_frame_level_layers_match_s3prl_ecapa():
         torch.testing.assert_close(ours_frames, ref(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_ecapa_batched_embeddings_equal_single_utterance_embeddings():
     torch.manual_seed(0)
     upstream = build_upstream("fbank")

@@ -1,4 +1,5 @@
-"""The evaluation engine end to end: cache, dev selection, AS-norm, plots, text trial lists, pairs, Python API."""
+"""The evaluation engine end to end: cache, dev selection, AS-norm, plots, text trial lists, and a checkpoint used
+through `python -m asv verify|embed` and the Python API agreeing with it."""
 
 import json
 import shutil
@@ -86,13 +87,27 @@ def test_text_trial_list_export_and_cache_consistency(trained, tmp_path):
     out = tmp_path / "ev"
     run(
         ["evaluate.py", "--ckpt_dir", str(exp / "step-4"), *EVAL, "--trials", str(text), "--wav_root", str(corpus)]
-        + ["--out_dir", str(out), "--export_embeddings", str(tmp_path / "emb")]
+        + ["--out_dir", str(out)]
     )
     mine = np.loadtxt(out / "mine" / "step-4" / "scores.txt")
     prepared = np.loadtxt(exp / "evaluate" / "demo_test" / "step-4" / "scores.txt")
     np.testing.assert_allclose(mine[:, :2], prepared[:, :2], atol=1e-6)  # cached (batched) vs fresh: same scores
-    with np.load(tmp_path / "emb" / "step-4.npz") as z:
+    # The scored utterances' embeddings exported by `python -m asv embed`, their ids and relative paths as the
+    # list names them, resolved against the same root as evaluate.py's (asv.lists.resolve): the ones it scored.
+    ids = sorted({u for r in rows for u in r.split(",")[:2]})
+    wavs = tmp_path / "wavs.txt"
+    wavs.write_text("".join(f"{u} {u}\n" for u in ids))
+    emb = tmp_path / "emb" / "step-4.npz"
+    run(
+        ["-m", "asv", "embed", "--model", str(exp / "step-4"), "--list", str(wavs), "--wav_root", str(corpus)]
+        + ["--out", str(emb)]
+    )
+    with np.load(emb) as z, np.load(out / "step-4" / "embeddings.npz") as cached:
         assert set(z["ids"].tolist()) == {u for r in rows for u in r.split(",")[:2]}
+        scored = dict(zip(cached["paths"].tolist(), cached["embeddings"], strict=True))
+        assert set(z["paths"].tolist()) == set(scored)
+        for p, e in zip(z["paths"].tolist(), z["embeddings"], strict=True):
+            np.testing.assert_allclose(e, scored[p], rtol=1e-4, atol=1e-5)
 
     bad = tmp_path / "bad.txt"
     bad.write_text("1 a.wav b.wav\n2 a.wav b.wav\n")
@@ -106,13 +121,14 @@ def test_pair_cli_and_python_api_agree(trained):
     data, exp = trained
     rows = [r.split(",") for r in (data / "trials" / "demo_test.csv").read_text().splitlines()[1:3]]
     a, b = rows[0][2], rows[0][3]
-    out = run(["evaluate.py", "--ckpt_dir", str(exp / "step-4"), "--pair", a, b])
+    out = run(["-m", "asv", "verify", "--model", str(exp / "step-4"), a, b])
     result = asv.verify(a, b, exp / "step-4")
     dev = json.loads((exp / "evaluate" / "dev" / "step-4" / "results.json").read_text())
     assert result["threshold"] == dev["eer_threshold"] and result["same_speaker"] == (
         result["score"] >= dev["eer_threshold"]
     )
-    assert f"score {result['score']:.4f}, threshold {dev['eer_threshold']:.4f}" in out.stdout
+    assert f"score {result['score']:.4f} (cosine" in out.stdout
+    assert f"(threshold {dev['eer_threshold']:.4f}: dev EER threshold" in out.stdout
     emb = asv.embed([a, b, rows[1][2]], exp / "step-4")
     cached = np.load(exp / "evaluate" / "step-4" / "embeddings.npz")
     np.testing.assert_allclose(emb[0], cached["embeddings"][list(cached["paths"]).index(a)], rtol=1e-4, atol=1e-5)
@@ -136,9 +152,9 @@ def test_checkpoints_of_one_frozen_upstream_share_its_forward(trained, monkeypat
     cache: dict = {}
     embedders = [Embedder(exp / f"step-{s}", "cpu", cache) for s in (2, 4)]
     assert embedders[0].upstream is embedders[1].upstream
-    joint = embed_checkpoints(embedders, items, lengths, [None, None], False, max_frames=100_000)
+    joint = embed_checkpoints(embedders, items, lengths, cache_files=[None, None], effects=False, max_frames=100_000)
     together = len(calls)
-    alone = [embed_cached(e, items, lengths, None, False, max_frames=100_000) for e in embedders]
+    alone = [embed_cached(e, items, lengths, cache_file=None, effects=False, max_frames=100_000) for e in embedders]
     assert len(calls) == 3 * together and together > 1  # one pass for both, then one pass each
     for j, a in zip(joint, alone, strict=True):
         assert j.keys() == a.keys() == {p for _, p in items}

@@ -1,5 +1,6 @@
 """asv.upstream.fbank_batched: s3prl's `fbank` front-end on a batch of equal-length crops in one pass equals s3prl's
-per-utterance forward (kaldi fbank, deltas, CMVN one utterance at a time), and upstream_forward uses it only there.
+per-utterance forward (kaldi fbank, deltas, CMVN one utterance at a time), and a training step
+(asv.forward.training_features) uses it only there.
 
 Tolerances. The fast path runs the ops s3prl runs, batched, and on CPU its output is bit-identical to s3prl's in
 every case here but the 0.03 s crops (3 frames; alone, their mel GEMM takes another kernel: <= 5e-6 apart); the
@@ -13,17 +14,17 @@ passes on a band at the log floor for a whole crop (the silent crop below, at 0.
 noise by rounding noise there, in s3prl (values ~1e4) as in the fast path.
 """
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 
-import asv.upstream as upstream_module
+import asv.forward as forward_module
 from asv.batch_exact import exact_upstream_forward
+from asv.forward import training_features
 from asv.synth import draw_voice, synth_utterance
-from asv.upstream import build_upstream, trainable_inputs, upstream_features, upstream_forward
+from asv.upstream import build_upstream
 
+pytestmark = pytest.mark.numerics  # every test compares the batched front-end's output with s3prl's
 FLOAT32_TOL = 1e-4
 FLOAT64_TOL = 1e-9
 # 0.03 s is under s3prl's 0.05 s minimum (zero-extended); 1 s crops of 64 are the demo's training batches.
@@ -39,13 +40,13 @@ def fbank():
 def spy(monkeypatch):
     """The batch shape of each fast-path call (which still computes)."""
     calls = []
-    real = upstream_module.fbank_batched
+    real = forward_module.fbank_batched
 
     def counted(*args):
         calls.append(args[1].shape)
         return real(*args)
 
-    monkeypatch.setattr(upstream_module, "fbank_batched", counted)
+    monkeypatch.setattr(forward_module, "fbank_batched", counted)
     return calls
 
 
@@ -67,6 +68,11 @@ def s3prl_forward(upstream, wav, wav_len):
         return upstream(wav, wav_len)
 
 
+def train_forward(upstream, wav, wav_len):
+    """What a training step feeds the featurizer for a frozen upstream."""
+    return training_features(upstream, wav, wav_len, trainable=False)
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
@@ -78,7 +84,7 @@ def test_equals_s3prl_per_utterance(fbank, spy, kind, batch, seconds):
     wav_len = torch.full((batch,), wav.size(1))
     for x, tol in ((wav, FLOAT32_TOL), (wav.double(), FLOAT64_TOL)):
         expected, expected_len = s3prl_forward(fbank, x, wav_len)
-        hidden, hidden_len = upstream_forward(fbank, x, wav_len)
+        hidden, hidden_len = train_forward(fbank, x, wav_len)
         assert len(hidden) == len(expected) == len(hidden_len) == 1
         assert hidden[0].shape == expected[0].shape and hidden[0].dtype == x.dtype
         assert torch.equal(hidden_len[0], expected_len[0])
@@ -96,11 +102,11 @@ def test_other_batches_take_s3prl_path(fbank, spy):
     ]
     for x, x_len in batches:
         expected, expected_len = s3prl_forward(fbank, x, x_len)
-        hidden, hidden_len = upstream_forward(fbank, x, x_len)
+        hidden, hidden_len = train_forward(fbank, x, x_len)
         assert all(map(torch.equal, hidden + hidden_len, expected + expected_len))
     # Other weight-free front-ends keep s3prl's path even on equal lengths.
     other, wav_len = build_upstream("fbank_no_cmvn"), torch.full((3,), n)
-    assert torch.equal(upstream_forward(other, wav, wav_len)[0][0], s3prl_forward(other, wav, wav_len)[0][0])
+    assert torch.equal(train_forward(other, wav, wav_len)[0][0], s3prl_forward(other, wav, wav_len)[0][0])
     assert spy == []
 
 
@@ -120,8 +126,8 @@ def test_batch_exact_still_sees_each_utterance(fbank, spy):
 def test_training_step_features_unchanged(fbank, spy, batch, seconds):
     wav = signals("speech", batch, seconds, seed=1)
     wav_len = torch.full((batch,), wav.size(1))
-    hidden, hidden_len = upstream_features(fbank, wav, wav_len, False, contextlib.nullcontext())
-    expected, expected_len = trainable_inputs(*s3prl_forward(fbank, wav, wav_len))
+    hidden, hidden_len = train_forward(fbank, wav, wav_len)
+    expected, expected_len = s3prl_forward(fbank, wav, wav_len)
     assert spy == [wav.shape]
     assert not hidden[0].is_inference()  # usable in the training step's backward pass
     assert hidden[0].shape == expected[0].shape and torch.equal(hidden_len[0], expected_len[0])

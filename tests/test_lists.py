@@ -1,11 +1,13 @@
-"""Pure pieces of using a model: list and score-file formats (asv/lists.py), the upstream-checkpoint check of a model
-directory (asv/modeldir.py), Hub ids (asv/hub.py)."""
+"""Pure pieces of using a model: list and score-file formats (asv/lists.py), the one audio-path resolver and text
+trial-list reader evaluate.py and `python -m asv` share, the upstream-checkpoint check of a model directory
+(asv/modeldir.py), Hub ids (asv/hub.py)."""
 
 import pytest
 
 from asv.errors import CheckpointError, ManifestError
 from asv.hub import looks_like_repo_id
-from asv.lists import ListedTrial, read_enrollment, read_trial_list, read_wav_list, score_line
+from asv.lists import ListedTrial, read_enrollment, read_trial_list, read_wav_list, resolve, score_line
+from asv.manifest import read_text_trials
 from asv.modeldir import resolve_upstream_ckpt, sha256_path
 
 
@@ -26,6 +28,30 @@ def test_trial_list_formats(tmp_path):
         f.write_text(text)
         with pytest.raises(ManifestError, match=f"{f}{where}"):
             read_trial_list(f)
+
+
+def test_one_resolver_and_one_labelled_reader(tmp_path):
+    # A relative path: ROOT/p, else VoxCeleb's ROOT/wav/p, ROOT/test/wav/p, ROOT/dev/wav/p, over the roots in order.
+    corpus, other = tmp_path / "corpus", tmp_path / "other"
+    for f in (corpus / "test/wav/a/v/1.wav", corpus / "dev/wav/b/v/1.wav", other / "a/v/1.wav"):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"")
+    assert resolve("a/v/1.wav", [corpus]) == str(corpus / "test/wav/a/v/1.wav")
+    assert resolve("a/v/1.wav", [other, corpus]) == str(other / "a/v/1.wav")
+    assert resolve("b/v/1.wav", [other, corpus]) == str(corpus / "dev/wav/b/v/1.wav")
+    assert resolve("c.wav", [other, corpus]) == str(other / "c.wav")  # nowhere: the first root's, for the error
+    assert resolve("/abs/c.wav", [corpus]) == "/abs/c.wav"
+    f = tmp_path / "t.txt"
+    f.write_text("a/v/1.wav b/v/1.wav nontarget\n")  # Kaldi's labels read as VoxCeleb's
+    (t,) = read_text_trials(f, [corpus])
+    assert (t.id1, t.wav_path2, t.label) == ("a/v/1.wav", str(corpus / "dev/wav/b/v/1.wav"), 0)
+    f.write_text("1 a/v/1.wav x/y/2.wav\n")
+    with pytest.raises(ManifestError, match=f"{f}: 1 utterances not found .*x/y/2.wav.*--wav_root") as err:
+        read_text_trials(f, [corpus])
+    assert "\n" not in str(err.value)
+    f.write_text("a.wav b.wav\n")
+    with pytest.raises(ManifestError, match=f"{f}: unlabelled trials"):
+        read_text_trials(f)
 
 
 def test_enrollment_and_wav_lists(tmp_path):

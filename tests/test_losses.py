@@ -44,6 +44,7 @@ def test_every_registered_loss_builds_and_returns_loss_and_logits():
 
 
 @pytest.mark.parametrize("easy_margin", [False, True])
+@pytest.mark.numerics
 def test_aamsoftmax_against_formula(easy_margin):
     torch.manual_seed(0)
     x, y = torch.randn(8, 6), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
@@ -57,6 +58,7 @@ def test_aamsoftmax_against_formula(easy_margin):
     torch.testing.assert_close(loss, ce(expected, y), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.numerics
 def test_aamsoftmax_matches_s3prl_legacy_loss():
     from s3prl.downstream.sv_voxceleb1.model import AAMSoftmaxLoss
 
@@ -69,12 +71,14 @@ def test_aamsoftmax_matches_s3prl_legacy_loss():
     torch.testing.assert_close(ours(x, y)[0], ref(x, y), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_aamsoftmax_without_margin_is_scaled_cosine_cross_entropy():
     x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 1])
     head = AAMSoftmax(8, 3, margin=0.0, scale=10.0)
     torch.testing.assert_close(head(x, y)[0], F.cross_entropy(10.0 * cosines(x, head.W), y))
 
 
+@pytest.mark.numerics
 def test_subcenter_aam_takes_the_closest_centre_per_class():
     torch.manual_seed(0)
     x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
@@ -89,6 +93,7 @@ def test_subcenter_aam_takes_the_closest_centre_per_class():
     torch.testing.assert_close(loss, ce(expected, y), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.numerics
 def test_subcenter_aam_with_one_centre_is_aamsoftmax():
     torch.manual_seed(0)
     x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 1])
@@ -98,6 +103,7 @@ def test_subcenter_aam_with_one_centre_is_aamsoftmax():
     torch.testing.assert_close(sub(x, y)[0], aam(x, y)[0])
 
 
+@pytest.mark.numerics
 def test_softmax_is_linear_cross_entropy_on_normalised_embeddings():
     x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 1])
     head = build_loss(LossConfig(loss="softmax"), 8, 3)
@@ -105,6 +111,7 @@ def test_softmax_is_linear_cross_entropy_on_normalised_embeddings():
     torch.testing.assert_close(head(x, y)[0], ce(expected, y))
 
 
+@pytest.mark.numerics
 def test_margin_warmup_ramps_linearly_by_global_step():
     assert [margin_at(s, 0.2, 100) for s in (0, 25, 100, 500)] == pytest.approx([0.0, 0.05, 0.2, 0.2])
     assert margin_at(0, 0.2, 0) == 0.2  # no warm-up: the full margin at once

@@ -34,6 +34,7 @@ def test_eer_hand_computed():
     assert eer == pytest.approx(1 / 3, abs=1e-6)
 
 
+@pytest.mark.numerics
 def test_eer_bracketed_by_brute_force_and_invariant_to_monotone_maps():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 500)
@@ -57,6 +58,7 @@ def test_eer_matches_gaussian_theory():
 
 
 @pytest.mark.parametrize("p_target", [0.01, 0.05, 0.5])
+@pytest.mark.numerics
 def test_min_dcf_matches_brute_force(p_target):
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 2, 400)
@@ -89,6 +91,7 @@ def test_bad_inputs_are_rejected():
 # Cllr, min Cllr and actDCF (asv/metrics.py): hand-computed cases and the identities that bound them.
 
 
+@pytest.mark.numerics
 def test_cllr_hand_computed():
     # Target LLRs {0, ln 3}: log2(1 + 1) = 1 and log2(1 + 1/3) = log2(4/3); non-targets {0, -ln 3} mirror them.
     value = cllr([0.0, np.log(3.0), 0.0, -np.log(3.0)], [1, 1, 0, 0])
@@ -98,6 +101,7 @@ def test_cllr_hand_computed():
     assert cllr([50.0, -50.0], [1, 0]) < 1e-20
 
 
+@pytest.mark.numerics
 def test_min_cllr_hand_computed():
     # Sorted labels 0 1 0 1: PAV pools the middle pair to 1/2, ends stay 0 and 1 (LLR -inf / +inf, cost 0);
     # at the list's prior 1/2 the pooled LLR is 0, one bit for one of two trials of each class.
@@ -109,6 +113,7 @@ def test_min_cllr_hand_computed():
     assert min_cllr([1, 1, 1, 1], [0, 1, 0, 1]) == pytest.approx(1.0, rel=1e-12)
 
 
+@pytest.mark.numerics
 def test_min_cllr_bounds_every_monotone_calibration():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 2000)
@@ -123,6 +128,7 @@ def test_min_cllr_bounds_every_monotone_calibration():
     assert min_cllr(np.exp(scores), labels) == pytest.approx(best, rel=1e-12)
 
 
+@pytest.mark.numerics
 def test_act_dcf_hand_computed_and_never_below_min_dcf():
     # P_target 0.01: Bayes threshold ln 99 = 4.595. Targets {5, 3}: one miss (1/2); non-targets {-1, 4.6, 6}:
     # two accepted (2/3). Cost 0.01 * 1/2 + 0.99 * 2/3 = 0.665, normalised by min(0.01, 0.99) = 66.5.

@@ -54,6 +54,7 @@ def check_parity(embedder: ModelEmbedder, path):
 
 
 @pytest.mark.ssl_tiny
+@pytest.mark.numerics
 def test_wav2vec2_featurizer_xvector_onnx_matches_pytorch(tmp_path):
     from asv.random_upstreams import build_random_upstreams
 

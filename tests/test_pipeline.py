@@ -84,6 +84,11 @@ def run(args, env=None, check=True):
     return out
 
 
+# Where launch_2proc runs each process: on the CPU (a GPU machine too) with one intra-op thread. A one-process run
+# compared with it gets the same, so that a batch of the same shape runs the same kernels in the same float order.
+CPU_ONE_THREAD = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
 def launch_2proc(args):
     cmd = [
         "-m",
@@ -94,7 +99,7 @@ def launch_2proc(args):
         "29561",
         *args,
     ]
-    return run(cmd, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    return run(cmd, env=CPU_ONE_THREAD)
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +204,7 @@ def test_train_resume_evaluate(tmp_path, data_dir):
     )
 
 
+@pytest.mark.numerics
 def test_resumed_run_reproduces_the_uninterrupted_loss_log(tmp_path, data_dir):
     base = [*TRAIN, "--data_dir", str(data_dir), "--save_step", "3"]
     run(["train.py", *base, "--exp_dir", str(tmp_path / "a"), "--total_steps", "6"])
@@ -208,41 +214,72 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_log(tmp_path, data_dir):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+def sgd_rounding(w_a: np.ndarray, w_b: np.ndarray, update: np.ndarray) -> np.ndarray:
+    """The most rounding alone puts between two float32 SGD steps w0 - lr * d, d = g + weight_decay * w0, taken from
+    the same w0 with gradients g that differ by next to nothing: half an ulp of the new weight in each run (one ulp
+    of the larger), plus d and lr * d rounded in each run (under 4 ulps of the update)."""
+    return np.spacing(np.maximum(np.abs(w_a), np.abs(w_b))) + 4 * np.spacing(np.abs(update).astype(np.float32))
+
+
+@pytest.mark.numerics
 def test_two_processes_same_layout_and_scores(tmp_path, data_dir):
     # SGD, not AdamW: Adam divides by sqrt(v), so a float-order difference in a near-zero gradient element
-    # moves that weight by up to ~lr whatever the data, and a weight comparison could neither pass on every CPU
-    # nor catch a wrong gradient. SGD's update is linear in the gradient, so equal gradient sums give equal
-    # weight changes up to float order.
-    sgd = ["--optimizer", "SGD", "--lr", "0.1", "--total_steps", "2", "--save_step", "2"]
+    # moves that weight by up to ~lr whatever the data. SGD's update is linear in the gradient, so equal gradient
+    # sums give equal weight changes up to rounding. One update, not two: the second one's gradient would be taken
+    # at weights that already differ, through ReLUs and statistics pooling, where no rounding bound follows.
+    sgd = ["--optimizer", "SGD", "--lr", "0.1", "--total_steps", "1", "--save_step", "1"]
     exp = tmp_path / "exp2"
     args = ["train.py", *TRAIN, *sgd, "--data_dir", str(data_dir), "--exp_dir", str(exp), "--batch_size", "2"]
     out = launch_2proc(args)
     assert "effective batch 8 = 2 per device x 2 processes x 2 accumulation" in out.stdout
-    ckpt = exp / "step-2"
+    ckpt = exp / "step-1"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (ckpt / "embedder.safetensors").is_file() and not list(exp.glob(".tmp-*"))
-    # One process with the same effective batch (4 per device x 2 accumulation) sees the same utterances
-    # and crops per update, so its losses and weights match within float tolerance.
+    # One process with 2 per device x 4 accumulation runs the two ranks' four batches (the same utterances and
+    # crops, the same shapes, so the same per-batch losses and gradients) and sums them in another order:
+    # ((b1 + b2) + b3) + b4 where the ranks sum (b1 + b3) + (b2 + b4). The scalings differ by powers of two only.
     one = tmp_path / "exp1"
-    run(["train.py", *TRAIN, *sgd, "--data_dir", str(data_dir), "--exp_dir", str(one), "--save_initial", "true"])
-    np.testing.assert_allclose([v for _, v in losses(one)], [v for _, v in losses(exp)], rtol=1e-5)
+    common = ["train.py", *TRAIN, *sgd, "--data_dir", str(data_dir)]
+    run(
+        [*common, "--exp_dir", str(one), "--batch_size", "2", "--gradient_accumulate", "4", "--save_initial", "true"],
+        env=CPU_ONE_THREAD,
+    )
+    # The logged loss is a float32 sum of the four positive batch losses (each x 2 utterances), divided by 8 (exact):
+    # any order is within 3 roundings (3 x 2**-24 relative) of the exact sum, as positive terms do not cancel, so
+    # two orders agree to 2 x 3 units; 8 leaves room for the second-order terms.
+    np.testing.assert_allclose([v for _, v in losses(one)], [v for _, v in losses(exp)], rtol=8 * 2.0**-24)
+    # The gradient's float-order spread, measured on this CPU: one process with TRAIN's 4 per device x 2
+    # accumulation sees the same utterances and crops, but every kernel of its forward and backward runs on other
+    # shapes and its gradient is summed in a third order.
+    spread = tmp_path / "exp1_batch4"
+    run([*common, "--exp_dir", str(spread)], env=CPU_ONE_THREAD)
     from safetensors.numpy import load_file
 
-    w0 = load_file(one / "step-0" / "embedder.safetensors")  # the same seeded initialisation in both runs
-    w1, w2 = load_file(one / "step-2" / "embedder.safetensors"), load_file(ckpt / "embedder.safetensors")
-    for k in w1:
-        # Gradients summed in another order (2 ranks x 2 batches vs 2 batches) differ by ~1e-7 of the largest
-        # per-utterance gradient; with SGD the updates then agree to well within 1e-4 of the largest update.
-        update = np.abs(w1[k] - w0[k]).max()
-        assert update > 0, k  # every tensor trains: the comparison below is not vacuous
-        np.testing.assert_allclose(w2[k] - w0[k], w1[k] - w0[k], rtol=0, atol=1e-4 * update, err_msg=k)
-    # Sharded evaluation gathers every utterance exactly once: the same scores as one process.
+    w0 = load_file(one / "step-0" / "embedder.safetensors")  # the same seeded initialisation in every run
+    w1, w2 = load_file(one / "step-1" / "embedder.safetensors"), load_file(ckpt / "embedder.safetensors")
+    w4 = load_file(spread / "step-1" / "embedder.safetensors")
+    for k in w0:
+        update1, update2, update4 = (w[k].astype(np.float64) - w0[k] for w in (w1, w2, w4))
+        assert np.abs(update1).max() > 0, k  # every tensor trains: the comparison below is not vacuous
+        # lr x the gradients' difference: at most what separates the batch-4 run from the batch-2 run, or what
+        # rounding could hide of it, taken over the tensor; twice that, as the ranks only reorder a 4-term sum
+        # where the batch-4 run changes every kernel's shapes too, and one measurement may fall low.
+        measured = (np.abs(update4 - update1) + sgd_rounding(w4[k], w1[k], update1)).max()
+        bound = sgd_rounding(w2[k], w1[k], update1) + 2 * measured
+        # About 3 ulps of the weights: a wrong gradient (a rank's batches missing, the sum not averaged) moves a
+        # tensor by a good part of its update, far beyond it.
+        assert bound.max() < 0.01 * np.abs(update1).max(), (k, bound.max(), np.abs(update1).max())
+        excess = np.abs(update2 - update1) / bound
+        assert excess.max() <= 1, f"{k}: {excess.max():.2f} x the rounding bound {bound.max():.3g} at most"
+    # Sharded evaluation gathers every utterance exactly once, each batch of the one-process run embedded by one of
+    # the processes (the batches are dealt out whole, and both runs have one thread): the same computation, so the
+    # same scores, to the last digit scores.txt keeps.
     evaluate = ["evaluate.py", "--ckpt_dir", str(ckpt), "--wandb_mode", "disabled", "--num_workers", "0"]
     launch_2proc([*evaluate, "--out_dir", str(tmp_path / "ev2")])
-    run([*evaluate, "--out_dir", str(tmp_path / "ev1")])
-    s2 = np.loadtxt(tmp_path / "ev2" / "demo_test" / "step-2" / "scores.txt")
-    s1 = np.loadtxt(tmp_path / "ev1" / "demo_test" / "step-2" / "scores.txt")
-    np.testing.assert_allclose(s2, s1, atol=1e-5)
+    run([*evaluate, "--out_dir", str(tmp_path / "ev1")], env=CPU_ONE_THREAD)
+    s2 = np.loadtxt(tmp_path / "ev2" / "demo_test" / "step-1" / "scores.txt")
+    s1 = np.loadtxt(tmp_path / "ev1" / "demo_test" / "step-1" / "scores.txt")
+    np.testing.assert_array_equal(s2, s1)
 
 
 def test_download_needing_upstream_fails_with_one_line(tmp_path, data_dir):

@@ -8,6 +8,7 @@ from asv.manifest import make_trials
 from asv.scoring import as_norm, cohort_stats, cosine_scores, speaker_means
 
 
+@pytest.mark.numerics
 def test_cosine_scores_match_the_definition():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((7, 5)), rng.standard_normal((7, 5))
@@ -15,6 +16,7 @@ def test_cosine_scores_match_the_definition():
     np.testing.assert_allclose(cosine_scores(a, b), ref, rtol=1e-12)
 
 
+@pytest.mark.numerics
 def test_as_norm_matches_a_loop_reference():
     rng = np.random.default_rng(1)
     enroll, test, cohort = rng.standard_normal((6, 8)), rng.standard_normal((6, 8)), rng.standard_normal((20, 8))
@@ -36,6 +38,7 @@ def test_as_norm_matches_a_loop_reference():
     np.testing.assert_allclose(got, expected, rtol=1e-10)
 
 
+@pytest.mark.numerics
 def test_as_norm_top_n_is_clipped_to_the_cohort():
     rng = np.random.default_rng(2)
     x, cohort = rng.standard_normal((3, 4)), rng.standard_normal((4, 4))
@@ -45,6 +48,7 @@ def test_as_norm_top_n_is_clipped_to_the_cohort():
     np.testing.assert_allclose(s_all, s_big)
 
 
+@pytest.mark.numerics
 def test_speaker_means_average_unit_embeddings():
     emb = np.array([[2.0, 0.0], [0.0, 3.0], [0.0, -1.0]])
     means, names = speaker_means(emb, ["b", "b", "a"])

@@ -93,6 +93,7 @@ def test_utterances_have_silences_for_the_vad(tiny):
     assert min(lengths) < 0.9 and max(lengths) > 0.5
 
 
+@pytest.mark.numerics
 def test_mean_mfcc_embedding_shape_and_level_invariance():
     wav = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     emb = mean_mfcc_embedding(wav)

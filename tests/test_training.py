@@ -38,6 +38,7 @@ def wait_for(predicate, proc, timeout=300):
         time.sleep(0.02)
 
 
+@pytest.mark.numerics
 def test_sigkill_at_any_point_then_resume_reproduces_the_loss_log(tmp_path, data_dir):
     base = ["train.py", *TRAIN, "--data_dir", str(data_dir), "--total_steps", "8", "--save_step", "3"]
     run([*base, "--exp_dir", str(tmp_path / "ref")])
@@ -132,6 +133,7 @@ def test_sweep_agent_arguments_parse():
         parse(TrainConfig, args)  # every swept key is a real flag
 
 
+@pytest.mark.numerics
 def test_layerdrop_off_and_gradient_checkpointing_keep_results():
     from asv.upstream import disable_layerdrop, enable_gradient_checkpointing
 
@@ -168,23 +170,21 @@ def test_layerdrop_off_and_gradient_checkpointing_keep_results():
 
 
 @pytest.mark.parametrize("finite", [True, False])
-def test_fused_update_skips_on_the_device_without_reading_it(finite, monkeypatch):
-    """What a GPU's update runs (asv.optim builds fused optimizers there), on the CPU's fused AdamW kernel: a
-    non-finite gradient leaves parameters, moments and step counts untouched while the schedule moves on, as in
-    s3prl's runner, and the skip is counted, all without reading a tensor on the host."""
+def test_non_finite_update_is_skipped_and_counted(finite):
+    """A non-finite gradient leaves parameters and AdamW's moments and step counts untouched while the schedule moves
+    on, as in s3prl's runner, and the skip is counted."""
     from accelerate import Accelerator
 
     from asv.config import OptimConfig
     from asv.optim import build_optimizer_and_scheduler
-    from asv.training import RunningStats, skips_on_device, update
+    from asv.training import RunningStats, update
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     cfg = OptimConfig(scheduler="StepLR", scheduler_kwargs="{step_size: 1, gamma: 0.5}")
-    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, None, fused=True)
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, None)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    assert skips_on_device(optimizer, accelerator)
     stats = RunningStats("cpu", max_consecutive_skips=5)
     for step in range(2):  # one good update first, so the moments and step counts are not all zero
         loss = model(torch.randn(8, 4)).square().mean() * (1.0 if step == 0 or finite else float("nan"))
@@ -192,12 +192,8 @@ def test_fused_update_skips_on_the_device_without_reading_it(finite, monkeypatch
         before = {k: v.clone() for k, v in model.state_dict().items()}
         state = {k: v.clone() for k, v in optimizer.optimizer.state[next(model.parameters())].items()}
         lr = optimizer.param_groups[0]["lr"]
-        if step == 1:  # every way of reading a tensor on the host fails from here on
-            for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
-                monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read in the update"))
         update(accelerator, optimizer, scheduler, stats)
         optimizer.zero_grad()
-    monkeypatch.undo()
     moved = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     now = optimizer.optimizer.state[next(model.parameters())]
     assert moved == finite

@@ -25,6 +25,7 @@ def batch(seed: int = 0):
     return wav, torch.tensor([24_000, 17_000, 9_000])
 
 
+@pytest.mark.numerics
 def test_default_is_plain_fp32(hubert):
     _, up = hubert
     wav, lens = batch()
@@ -41,6 +42,7 @@ UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.numerics
 def test_low_precision_upstream_returns_fp32_close_to_fp32(hubert, precision):
     _, up = hubert
     wav, lens = batch(1)
@@ -56,6 +58,7 @@ def test_low_precision_upstream_returns_fp32_close_to_fp32(hubert, precision):
     assert worst < 8 * UNIT_ROUNDOFF[precision], worst
 
 
+@pytest.mark.numerics
 def test_weight_free_front_end_ignores_precision():
     up = build_upstream("fbank")
     wav, lens = batch(2)

@@ -1,5 +1,5 @@
 """Using a trained model (issue 13), end to end on a tiny demo run: evaluate.py's calibrated metrics and
---export_model, asv.load_model in a fresh process against evaluate.py --pair, model-directory validation,
+--export_model, asv.load_model in a fresh process against verifying with the checkpoint, model-directory validation,
 multi-file enrollment, the `python -m asv` commands and the ONNX file of an exported model."""
 
 import csv
@@ -11,10 +11,13 @@ import sys
 import numpy as np
 import pytest
 
+import asv
 import evaluate
 from asv import cli
 from asv.calibration import Calibration
+from asv.config import EvalConfig, parse
 from asv.errors import CheckpointError, HubError
+from asv.evaluation import choose_calibration_list
 from asv.metrics import calibrated_metrics
 from asv.scoring import enrollment_model, l2_normalise
 from tests.conftest import ROOT
@@ -72,14 +75,14 @@ def test_no_calibration_list_says_why(exported, tmp_path):
     assert "cllr" not in res and "act_dcf@0.01" not in res and "min_cllr" in res
     why = res["calibration"]["absent"]
     assert "no calibration list" in why and "--calibration_list" in why
-    cfg = evaluate.parse(evaluate.EvalConfig, ["--calibration_list", "none"])[0]
-    assert evaluate.choose_calibration_list(cfg, {"dev": []})[0] is None
+    cfg = parse(EvalConfig, ["--calibration_list", "none"])[0]
+    assert choose_calibration_list(cfg.calibration_list, {"dev": []})[0] is None
 
 
-def test_fresh_process_load_model_equals_evaluate_pair(exported, tmp_path):
+def test_fresh_process_load_model_equals_checkpoint_verify(exported, tmp_path):
     data, exp, model = exported
     t = trials_of(data)[0]
-    pair = evaluate.main(["--ckpt_dir", str(exp / "step-4"), "--pair", t["wav_path1"], t["wav_path2"]])
+    pair = asv.verify(t["wav_path1"], t["wav_path2"], exp / "step-4")  # `python -m asv verify --model <ckpt dir>`
     # The model directory must load without the run directory or the data directory: hide both.
     hidden = [(exp, tmp_path / "exp"), (data, tmp_path / "data")]
     code = (

@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
-from asv.audio import SAMPLE_RATE
+from asv.conventions import SAMPLE_RATE
 from asv.synth import draw_voice, synth_utterance
 
 
