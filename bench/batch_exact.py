@@ -22,6 +22,7 @@ import torch
 
 from asv.batch_exact import exact_upstream_forward, plan_for
 from asv.config import LossConfig, ModelConfig
+from asv.conventions import SAMPLE_RATE
 from asv.models import build_speaker_model
 from asv.random_upstreams import BUILDERS, SIZES, build_random_upstreams
 from asv.upstream import build_upstream, upstream_forward
@@ -29,9 +30,9 @@ from bench.common import machine_banner
 
 
 def noise_utterances(seconds, seed: int = 0) -> list[torch.Tensor]:
-    """Noise with a slowly varying spectrum (so frames differ), 0.1 peak-ish, 16 kHz."""
+    """Noise with a slowly varying spectrum (so frames differ), 0.1 peak-ish, at SAMPLE_RATE."""
     rng = np.random.default_rng(seed)
-    shaped = [np.convolve(rng.standard_normal(int(s * 16000)), rng.standard_normal(32), "same") for s in seconds]
+    shaped = [np.convolve(rng.standard_normal(int(s * SAMPLE_RATE)), rng.standard_normal(32), "same") for s in seconds]
     return [0.1 * torch.from_numpy(x).float() for x in shaped]
 
 

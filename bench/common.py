@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -16,10 +17,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT / "data/demo"  # prepare.py --dataset demo: train.csv, vad.json, trials/demo_test.csv
-CORPUS = ROOT / "data/demo_corpus"  # the generated VoxCeleb1-layout tree it reads
 WORK = ROOT / "exp/bench"
-TRIAL_LIST = "demo_test"
 # s3prl's VoxCeleb1SV treats speakers id10270..id10309 as the test set (hard-coded) and everything else as
 # dev; the demo's test speakers are id10001.., so its view of the corpus renames them into that range.
 S3PRL_FIRST_TEST_ID = 10270
@@ -38,7 +36,8 @@ class Corpus:
     generate: dict = field(default_factory=dict)
 
 
-DEMO = Corpus("demo", DATA_DIR, CORPUS, TRIAL_LIST)
+# prepare.py --dataset demo: data/demo (train.csv, vad.json, trials/demo_test.csv) from the tree it generates.
+DEMO = Corpus("demo", ROOT / "data/demo", ROOT / "data/demo_corpus", "demo_test")
 # VoxCeleb1-like lengths (4-12 s; VoxCeleb1's mean is 8.2 s, min 4 s): nearly every training batch of 10 is
 # padded to SUPERB's 8 s crop, as on the real corpus, so updates/s carries over to a projection of the full run.
 LONG = Corpus(
@@ -118,27 +117,21 @@ class LoadMonitor:
         )
 
 
-def prepare_demo() -> None:
-    """prepare.py --dataset demo (idempotent: a second run only checks its marker)."""
-    subprocess.run([sys.executable, "prepare.py", "--dataset", "demo"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-
-
 def prepare_corpus(corpus: Corpus = DEMO) -> None:
     """Generate (once) and prepare a bench corpus; prepare.py's own marker makes a second call a no-op.
 
     Bench corpora keep every training speaker (--dev_speakers 0), as s3prl's view of them does."""
-    if corpus.name == "demo":
-        prepare_demo()
-        return
-    from asv.synth import generate_corpus
+    args = [sys.executable, "prepare.py", "--dataset", "demo"]
+    if corpus.name != "demo":
+        from asv.synth import generate_corpus
 
-    marker = corpus.root / "bench_corpus.json"
-    if not marker.is_file() or json.loads(marker.read_text()) != corpus.generate:
-        shutil.rmtree(corpus.root, ignore_errors=True)
-        generate_corpus(corpus.root, **corpus.generate)
-        marker.write_text(json.dumps(corpus.generate))
-    args = [sys.executable, "prepare.py", "--dataset", "voxceleb1", "--dataset_root", str(corpus.root)]
-    args += ["--trials", str(corpus.root / "trials.txt"), "--out_dir", str(corpus.data_dir), "--dev_speakers", "0"]
+        marker = corpus.root / "bench_corpus.json"
+        if not marker.is_file() or json.loads(marker.read_text()) != corpus.generate:
+            shutil.rmtree(corpus.root, ignore_errors=True)
+            generate_corpus(corpus.root, **corpus.generate)
+            marker.write_text(json.dumps(corpus.generate))
+        args = [sys.executable, "prepare.py", "--dataset", "voxceleb1", "--dataset_root", str(corpus.root)]
+        args += ["--trials", str(corpus.root / "trials.txt"), "--out_dir", str(corpus.data_dir), "--dev_speakers", "0"]
     subprocess.run(args, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -194,12 +187,6 @@ def s3prl_view(
     out = [f"{lab} {renamed(a)} {renamed(b)}" for lab, a, b in (t.split() for t in trials)]
     (cache / "voxceleb1_test_v2.txt").write_text("".join(line + "\n" for line in out))
     return root, cache
-
-
-def warm_page_cache(paths) -> None:
-    """Read every file once so neither side pays the first disk read (the side run first would)."""
-    for p in paths:
-        Path(p).read_bytes()
 
 
 class TreeMemory:
@@ -259,3 +246,22 @@ def run_child(args: list[str], log: Path, env: dict | None = None) -> tuple[floa
 
 def gib(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes: exact, where sampling can miss a peak. Linux's VmHWM
+    (its address space's own peak); getrusage's ru_maxrss would do elsewhere, but on Linux it survives exec and so
+    reports the bench process's peak in every child it starts, when that is larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def our_python() -> str:
+    """The project's own venv where it exists: our side must not need (nor import) the s3prl runner's extras."""
+    python = ROOT / ".venv/bin/python"
+    return str(python if python.exists() else sys.executable)

@@ -1,26 +1,26 @@
-"""Evaluation speed, side by side: s3prl's own SuperbASV stage 3 vs our evaluate.py machinery, each in its own process.
+"""Evaluation speed and memory, side by side: s3prl's own SuperbASV stage 3 vs our evaluation, each in its own process.
 
     make bench                                        # setup + both benches (fbank)
     .venv-bench/bin/python -m bench.eval_speed         # this one (a few minutes on fbank)
     .venv-bench/bin/python -m bench.eval_speed --quick # smoke run (300 trials, one repetition)
     .venv-bench/bin/python -m bench.eval_speed --ckpt_dir exp/<run>/step-<N>   # trained weights
     .venv-bench/bin/python -m bench.eval_speed --upstream hubert_local \
-        --upstream_ckpt exp/bench/upstreams/base/hubert.pt --max_utts 60 --repeats 1   # HuBERT Base (95 M)
+        --upstream_ckpt exp/bench/upstreams/base/hubert.pt --max_utts 40 --repeats 1   # HuBERT Base (95 M)
 
 Same data (the trial list's unique test utterances, raw audio as SuperbASV scores them), same upstream
 (fbank, or any s3prl hub name with the same --upstream_ckpt), the same featurizer/x-vector weights in both
 models (ours are copied into s3prl's Featurizer, SuperbXvector and AM-softmax, whose parameter names
 match). s3prl runs its real stage 3 (`SuperbASV().run(start=3)`: batch 1, per-trial cosine loop, 2 DataLoader
-workers by default); ours runs Embedder + embed_checkpoints (length-sorted batches of at most --eval_max_frames
-samples, evaluate.py's workers and allocator settings for the device) + trial_scores + metrics. Each run of each
-side is a fresh child process (`--child`), so one side's process settings and memory never reach the other's.
-With --checkpoints N, N checkpoints of one upstream (SUPERB scores every saved one): s3prl's stage 3 evaluates
-each in turn, ours embeds them in one pass. Each side's time covers building the model, reading the audio and
-scoring the trials; each side's model build is also timed on its own, and the steady-state rate leaves it out
-(it is paid once per checkpoint, whatever the list's size). Two floors on pre-loaded, pre-batched audio, in one
-pass in our child after its timed run: our model's forward, and the upstream's forward alone inside it. Both
-EERs are printed (same weights: they must agree within 0.01 point). Last line: `ratio=<ours/s3prl>`
-(steady-state utterances/s).
+workers by default); ours runs what evaluate.py runs: Embedder + embed_checkpoints (length-sorted batches of at
+most --eval_max_frames samples, evaluate.py's workers for the device) + trial_scores. Each run of each side is a
+fresh child process (`--child`; ours on .venv's interpreter, which has none of s3prl's runner extras), so one
+side's imports and memory never reach the other's: each reports its own peak RSS (VmHWM). With
+--checkpoints N, N checkpoints of one upstream (SUPERB scores every saved one): s3prl's stage 3 evaluates each in
+turn, ours embeds them in one pass. Each side's time covers building the model, reading the audio and scoring the
+trials; each side's model build is also timed on its own, and the steady-state rate leaves it out (it is paid once
+per checkpoint, whatever the list's size). Our run also times its upstream forward (asv.forward
+.embedding_features) inside itself. Both EERs are printed (same weights: they must agree within 0.01 point) and
+every trial's score compared. Last line: `ratio=<ours/s3prl>` (steady-state utterances/s).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse  # noqa: E402
+import csv  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
 import shutil  # noqa: E402
@@ -41,9 +42,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
-from bench import s3prl_shim  # noqa: E402
 from bench.common import (  # noqa: E402
     CORPORA,
     ROOT,
@@ -51,51 +51,20 @@ from bench.common import (  # noqa: E402
     Corpus,
     LoadMonitor,
     machine_banner,
+    our_python,
+    peak_rss,
     prepare_corpus,
     run_child,
     s3prl_view,
     select_trials,
 )
 
-s3prl_shim.install()  # before the first s3prl / asv.upstream import
-
-from accelerate import Accelerator  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from s3prl.problem import SuperbASV  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from asv.batch_exact import batch1_upstream_forward  # noqa: E402
-from asv.config import TrainConfig, load_train_config, parse, save_config  # noqa: E402
-from asv.datasets import EvalDataset, collate_eval  # noqa: E402
-from asv.engines import ENGINES, cached, exportable  # noqa: E402
-
-# Our evaluation machinery (asv/extract.py), imported in this one place.
-from asv.extract import (  # noqa: E402
-    ALONE_ON_CPU,
-    Embedder,
-    audio_lengths,
-    embed_checkpoints,
-    eval_workers,
-    length_sorted_batches,
-    use_engine,
-)
-from asv.hostmem import retain_freed_memory_on  # noqa: E402
-from asv.manifest import read_trials_csv, unique_utterances  # noqa: E402
-from asv.metrics import metrics  # noqa: E402
-from asv.models import build_speaker_model  # noqa: E402
-from asv.scoring import trial_scores  # noqa: E402
-from asv.upstream import build_upstream, upstream_forward  # noqa: E402
-
 # s3prl's DataLoader workers (--s3prl_workers; its own default is 6, more processes than this bench's 2 cores).
 # Ours default to evaluate.py's own choice per device (asv.extract.eval_workers).
 S3PRL_WORKERS = 2
-# Ours embeds on the engine evaluate.py's --engine auto picks for a VoxCeleb1 test list (4,874 utterances, 11.2 h):
-# the bench's subsets are shorter than the audio auto wants before it exports a graph.
-VOXCELEB1_TEST_SECONDS = 11.2 * 3600
 # Issue 11's targets on a 2-core CPU with a real-size upstream: >= 1.3x s3prl, within 1.15x of the upstream
-# forward alone. (fbank, issue 4: >= 1.6x s3prl, within 1.25x of our model's forward.)
-TARGET_VS_S3PRL, TARGET_VS_UPSTREAM = 1.3, 1.15
-FBANK_TARGET_VS_S3PRL, FBANK_TARGET_VS_FLOOR = 1.6, 1.25
+# forward alone (fbank, issue 4: >= 1.6x s3prl). Issue 21: peak RSS of one checkpoint <= 1.25x s3prl's.
+TARGET_VS_S3PRL, TARGET_VS_UPSTREAM, FBANK_TARGET_VS_S3PRL, TARGET_RSS = 1.3, 1.15, 1.6, 1.25
 EER_TOLERANCE = 0.01  # percentage points, for the same weights
 # Cosine scores of the same weights on both sides: float rounding of embeddings that agree to cosine 0.99999
 # (asv/batch_exact.py's bound) moves a score by at most ~1e-5.
@@ -107,6 +76,10 @@ def our_checkpoint(
 ):
     """A checkpoint directory evaluate.py's Embedder reads (config.yaml + embedder.safetensors), and its
     full state (with the AM-softmax head). Default: SUPERB's model on `upstream`, random weights from `seed`."""
+    from asv.config import TrainConfig, load_train_config, parse, save_config
+    from asv.models import build_speaker_model
+    from asv.upstream import build_upstream
+
     if ckpt_dir:
         cfg = load_train_config(Path(ckpt_dir) / "config.yaml")
         state = load_file(Path(ckpt_dir) / "embedder.safetensors")
@@ -121,8 +94,7 @@ def our_checkpoint(
         num_classes = len(json.loads((corpus.data_dir / "speakers.json").read_text()))
         frozen = build_upstream(upstream, upstream_ckpt)  # before seeding: loading it may draw random numbers
         torch.manual_seed(seed)
-        model = build_speaker_model(cfg.model, cfg.loss, frozen, num_classes)
-        state = model.state_dict()
+        state = build_speaker_model(cfg.model, cfg.loss, frozen, num_classes).state_dict()
     out = work / ("ours_ckpt" if seed == 0 else f"ours_ckpt_{seed}")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -130,13 +102,13 @@ def our_checkpoint(
     return out, cfg, state
 
 
-def s3prl_upstream(cfg: TrainConfig) -> dict:
+def s3prl_upstream(cfg) -> dict:
     """SuperbASV's build_upstream section for our config's upstream."""
     up = dict(name=cfg.model.upstream, normalize=cfg.model.upstream_normalize)
     return up | (dict(path_or_url=str(cfg.model.upstream_ckpt)) if cfg.model.upstream_ckpt else {})
 
 
-def s3prl_checkpoint(problem: SuperbASV, target: Path, cfg: TrainConfig, state: dict, step: int = 0) -> None:
+def s3prl_checkpoint(problem, target: Path, cfg, state: dict, step: int = 0) -> None:
     """target/train/step_<step> in s3prl's checkpoint format (model/ + task/), holding our weights."""
     with open(target / "spk2int.pkl", "rb") as f:
         encoder = pickle.load(f)
@@ -172,130 +144,137 @@ def s3prl_checkpoint(problem: SuperbASV, target: Path, cfg: TrainConfig, state: 
     problem.save_task({}, ckpt / "task", task_args, task)
 
 
-def time_s3prl(
-    problem: SuperbASV,
-    target: Path,
-    cache: Path,
-    root: Path,
-    cfg: TrainConfig,
-    device: str,
-    workers: int,
-    checkpoints: int = 1,
-) -> dict:
-    """Seconds (total, and of its model builds alone) and EER % per checkpoint of s3prl's stage 3 (+ its
-    trivial stage-4 report) on step_0 .. step_<checkpoints - 1>, as main() would run it."""
+def s3prl_child(spec: dict) -> dict:
+    """One timed run of s3prl's stage 3 (+ its trivial stage-4 report) on step_0 .. step_<N-1>, in a process of its
+    own, as `python -m s3prl.main SuperbASV --start 3` runs it: seconds (total, and of its model builds alone), EER %
+    and every trial's score (in its test_trial.csv's order) per checkpoint, peak RSS."""
+    from bench import s3prl_shim
+
+    s3prl_shim.install()
+    import s3prl.task.speaker_verification_task as sv
+    import yaml
+    from omegaconf import OmegaConf
+    from s3prl.problem import SuperbASV
+
+    from asv.config import load_train_config
+
+    cfg = load_train_config(Path(spec["ckpts"][0]) / "config.yaml")
+    target, checkpoints = Path(spec["target"]), len(spec["ckpts"])
+    scores, compute_eer = [], sv.compute_eer
+
+    def recording(labels, trial_scores):  # its test_reduction scores the trials, in test_trial.csv's order
+        scores.append([float(x) for x in trial_scores])
+        return compute_eer(labels, trial_scores)
+
+    sv.compute_eer = recording
+    problem = SuperbASV()
     overrides = dict(
         target_dir=str(target),
-        cache_dir=str(cache),
+        cache_dir=spec["cache"],
         start=3,
-        device=device,
-        num_workers=workers,
+        device=spec["device"],
+        num_workers=spec["s3prl_workers"],
         test_ckpt_steps=list(range(checkpoints)),
-        prepare_data=dict(dataset_root=str(root)),
+        prepare_data=dict(dataset_root=spec["root"]),
         build_upstream=s3prl_upstream(cfg),
     )
     config = OmegaConf.merge(OmegaConf.create(problem.default_config()), overrides)
     config = OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
-    builds = []
-    load = type(problem).load_model_and_task
+    builds, load = [], type(problem).load_model_and_task
 
-    def timed_load(*args, **kwargs):  # stage 3 builds the model (upstream included) and loads step_0 here
+    def timed_load(*args, **kwargs):  # stage 3 builds the model (upstream included) and loads step_<N> here
         t = time.perf_counter()
         out = load(problem, *args, **kwargs)
         builds.append(time.perf_counter() - t)
         return out
 
     problem.load_model_and_task = timed_load
-    try:
-        t0 = time.perf_counter()
-        problem.run(**config)
-        seconds = time.perf_counter() - t0
-    finally:
-        del problem.load_model_and_task
+    t0 = time.perf_counter()
+    problem.run(**config)
+    seconds = time.perf_counter() - t0
     eers = [
         100.0 * yaml.safe_load((target / f"evaluate/test_trial/step_{k}/result.yaml").read_text())["EER"]
         for k in range(checkpoints)
     ]
-    return {"seconds": seconds, "build_seconds": sum(builds), "eer": eers[0], "eers": eers}
+    return {"seconds": seconds, "build_seconds": sum(builds), "eers": eers, "scores": scores, "peak_rss": peak_rss()}
 
 
-def time_ours(
-    ckpts: list[Path],
-    utts,
-    trials,
-    accelerator,
-    max_frames: int,
-    workers: int,
-    engine: str,
-    onnx_cache_dir: str,
-    precision: str | None = None,
-) -> dict:
-    """Seconds (total, and of building the Embedders alone) and EER % per checkpoint of our evaluation of
-    `ckpts`: what evaluate.py's main does (its checkpoints of one frozen upstream embedded together, the
-    upstream once per utterance) with --engine `engine`, chosen as for a VoxCeleb1 test list (the bench's subset
-    is shorter: auto would keep torch for it until the graph is cached). The build includes loading the cached
-    ONNX graph (never its export: ours_child exports first). `precision` overrides the checkpoints' upstream
-    precision."""
-    t0 = time.perf_counter()
-    upstream_cache: dict = {}
-    embedders = [Embedder(ckpt, accelerator.device, upstream_cache) for ckpt in ckpts]
-    for embedder in embedders:
-        embedder.upstream_precision = precision or embedder.upstream_precision
-    used = use_engine(embedders[0], engine, VOXCELEB1_TEST_SECONDS, onnx_cache_dir, accelerator)
-    build = time.perf_counter() - t0
-    lengths = audio_lengths([p for _, p in utts])
-    vectors = embed_checkpoints(embedders, utts, lengths, [None] * len(ckpts), False, accelerator, max_frames, workers)
-    labels = np.array([t.label for t in trials])
-    scores = [trial_scores(v, trials) for v in vectors]
-    eers = [metrics(x, labels)["eer"] for x in scores]
-    seconds = time.perf_counter() - t0
-    scores = [[float(x) for x in v] for v in scores]
-    return {"seconds": seconds, "build_seconds": build, "eer": eers[0], "eers": eers, "engine": used, "scores": scores}
+def ours_child(spec: dict) -> dict:
+    """One timed run of ours in a process of its own, set up as evaluate.py's main sets up its own: seconds (total,
+    of building the Embedders, of the upstream's forward inside the run), EER % and every trial's score per
+    checkpoint, and peak RSS. Then, with `extra_precision`, the same run with that upstream precision."""
+    from accelerate import Accelerator
 
+    import asv.extract
+    from asv.extract import Embedder, audio_lengths, embed_checkpoints
+    from asv.metrics import compute_eer
+    from asv.scoring import trial_scores
 
-def preload(ckpt: Path, utts, accelerator, max_frames: int, engine: str, onnx_cache_dir: str):
-    """(embedder, batches) for the floors: every test utterance read and collated in our batches up front, the
-    embedder's upstream on the engine time_ours ran."""
-    embedder = Embedder(ckpt, accelerator.device, {})
-    use_engine(embedder, engine, VOXCELEB1_TEST_SECONDS, onnx_cache_dir, accelerator)
-    dataset = EvalDataset(utts, effects=False, min_samples=embedder.min_samples)
-    lengths = audio_lengths([p for _, p in utts])
-    batches = length_sorted_batches([lengths[p] for _, p in utts], max_frames)
-    loaded = [[t.to(accelerator.device) for t in collate_eval([dataset[i] for i in b])] for b in batches]
-    embedder(loaded[0][1], loaded[0][2])  # warm-up
-    return embedder, loaded
+    utts, trials = spec_items(spec)
+    labels = [t.label for t in trials]
+    accelerator = Accelerator(mixed_precision="no", cpu=spec["device"] == "cpu")
+    upstream_seconds, features = [0.0], asv.extract.embedding_features
 
-
-@torch.inference_mode()
-def time_floors(embedder, loaded, models: list | None = None) -> dict:
-    """Seconds of our model's forward over all pre-loaded test batches (no data loading at all), and of the
-    upstream's forward alone within it: ModelEmbedder.__call__ in its two parts (with `models`, the upstream
-    once and each model's featurizer + downstream on its output, as for several checkpoints). Where the upstream
-    ran on onnxruntime, also PyTorch's forward of it alone (`upstream_torch`: s3prl's computation)."""
-    cuda = next(embedder.model.parameters()).device.type == "cuda"
-    # The upstream's own forward, as ModelEmbedder runs it minus batch-exactness: on a CPU each utterance alone
-    # (asv.extract.ALONE_ON_CPU), on a GPU the padded batch.
-    torch_forward = upstream_forward if cuda or not ALONE_ON_CPU else batch1_upstream_forward
-    onnx = embedder.onnx
-    model_s = upstream_s = torch_s = 0.0
-    for _, wav, wav_len in loaded:
-        t0 = time.perf_counter()
-        if onnx is not None:
-            hidden, hidden_len = onnx.forward(wav, wav_len)
-        else:
-            hidden, hidden_len = torch_forward(embedder.upstream, wav, wav_len, embedder.upstream_precision)
-        if cuda:
+    def timed(*args, **kwargs):  # the one function our embedding runs the upstream through
+        t = time.perf_counter()
+        out = features(*args, **kwargs)
+        if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        for model in models or [embedder.model]:
-            model.embed(hidden, hidden_len).float().cpu()
-        model_s += time.perf_counter() - t0
-        upstream_s += t1 - t0
-        if onnx is not None:
-            t2 = time.perf_counter()
-            torch_forward(embedder.upstream, wav, wav_len, embedder.upstream_precision)
-            torch_s += time.perf_counter() - t2
-    return {"model": model_s, "upstream": upstream_s} | ({"upstream_torch": torch_s} if onnx is not None else {})
+        upstream_seconds[0] += time.perf_counter() - t
+        return out
+
+    asv.extract.embedding_features = timed
+
+    def run(precision: str | None) -> dict:
+        upstream_seconds[0] = 0.0
+        t0 = time.perf_counter()
+        upstream_cache: dict = {}
+        embedders = [Embedder(Path(c), accelerator.device, upstream_cache) for c in spec["ckpts"]]
+        for embedder in embedders:
+            embedder.upstream_precision = precision or embedder.upstream_precision
+        build = time.perf_counter() - t0
+        lengths = audio_lengths([p for _, p in utts])
+        vectors = embed_checkpoints(
+            embedders,
+            utts,
+            lengths,
+            cache_files=[None] * len(embedders),
+            effects=False,
+            accelerator=accelerator,
+            max_frames=spec["eval_max_frames"],
+            num_workers=spec["workers"],
+        )
+        scores = [trial_scores(v, trials) for v in vectors]
+        eers = [100.0 * compute_eer(x, labels)[0] for x in scores]
+        seconds, scores = time.perf_counter() - t0, [[float(x) for x in v] for v in scores]
+        return dict(
+            seconds=seconds, build_seconds=build, upstream_seconds=upstream_seconds[0], eers=eers, scores=scores
+        )
+
+    out = run(None) | {"peak_rss": peak_rss()}
+    if spec["extra_precision"]:
+        out["extra"] = run(spec["extra_precision"])
+    return out
+
+
+def spec_items(spec: dict):
+    """(unique utterances, trials) of the spec's trial selection, read as the parent read them."""
+    from asv.manifest import read_trials_csv, unique_utterances
+
+    corpus = CORPORA[spec["corpus"]]
+    trials = read_trials_csv(corpus.data_dir / "trials" / f"{corpus.trial_list}.csv")[: spec["max_trials"]]
+    trials = select_trials(trials, spec["max_utts"])
+    return unique_utterances(trials), trials
+
+
+def run_side(side: str, spec_file: Path, work: Path, r: int) -> dict:
+    """bench.eval_speed --child SIDE in a fresh process; its figures come back through a JSON file."""
+    out = work / f"{side}_run{r}.json"
+    out.unlink(missing_ok=True)
+    python = sys.executable if side == "s3prl" else our_python()
+    args = [python, "-m", "bench.eval_speed", "--child", side, "--spec", str(spec_file), "--child_out", str(out)]
+    _, memory = run_child(args, work / f"{side}_run{r}.log")
+    return json.loads(out.read_text()) | {"peak_rss_tree": memory.peak_tree}
 
 
 def score_differences(s3prl_scores, our_scores, trials, target: Path) -> tuple[float, float, int]:
@@ -303,7 +282,6 @@ def score_differences(s3prl_scores, our_scores, trials, target: Path) -> tuple[f
     score of s3prl's on one checkpoint, how many target/non-target pairs the two sides order differently, summed
     over the checkpoints): s3prl's scores come in its test_trial.csv's order, whose wav paths link to the same
     files. An EER depends on the scores only through that order, so with no such pair the EERs must be equal."""
-    import csv
 
     def key(a, b) -> tuple[str, str]:
         return str((ROOT / a).resolve()), str((ROOT / b).resolve())
@@ -362,68 +340,6 @@ def resolve_ckpt(path: str) -> str:
     return str(ckpts[-1][1])
 
 
-def s3prl_child(spec: dict) -> dict:
-    """One timed run of s3prl's stage 3, in a process of its own: as `python -m s3prl.main SuperbASV --start 3`
-    runs it (s3prl's own process, DataLoader and allocator settings)."""
-    import s3prl.task.speaker_verification_task as sv
-
-    cfg = load_train_config(Path(spec["ckpts"][0]) / "config.yaml")
-    target, cache, root = (Path(spec[k]) for k in ("target", "cache", "root"))
-    scores, compute_eer = [], sv.compute_eer
-
-    def recording(labels, trial_scores):  # its test_reduction scores the trials, in test_trial.csv's order
-        scores.append([float(x) for x in trial_scores])
-        return compute_eer(labels, trial_scores)
-
-    sv.compute_eer = recording
-    out = time_s3prl(SuperbASV(), target, cache, root, cfg, spec["device"], spec["s3prl_workers"], len(spec["ckpts"]))
-    return out | {"scores": scores}
-
-
-def ours_child(spec: dict) -> dict:
-    """One timed run of ours in a process of its own, set up as evaluate.py's main sets up its process, then (in
-    the same process, so under the same settings) the floors and the extra precision. An ONNX graph the engine
-    needs is exported (or found in the cache) before anything is timed: `export_seconds`, paid once per upstream."""
-    utts, trials = spec_items(spec)
-    ckpts = [Path(c) for c in spec["ckpts"]]
-    accelerator = Accelerator(mixed_precision="no", cpu=spec["device"] == "cpu")
-    retain_freed_memory_on(accelerator.device)  # evaluate.py's main does this right after its Accelerator
-    engine, cache, frames, workers = spec["engine"], spec["onnx_cache_dir"], spec["eval_max_frames"], spec["workers"]
-    t0 = time.perf_counter()
-    first = Embedder(ckpts[0], accelerator.device, {})
-    was_cached = cached(first.upstream, cache) if exportable(first.upstream) is None else None
-    use_engine(first, engine, VOXCELEB1_TEST_SECONDS, cache, accelerator)
-    out = {"export_seconds": time.perf_counter() - t0, "graph_was_cached": was_cached}
-    del first
-    out["ours"] = time_ours(ckpts, utts, trials, accelerator, frames, workers, engine, cache)
-    if spec["floor"]:
-        embedder, loaded = preload(ckpts[0], utts, accelerator, frames, engine, cache)
-        models = [Embedder(c, accelerator.device, {}).model for c in ckpts] if len(ckpts) > 1 else None
-        out["floor"] = time_floors(embedder, loaded, models)
-    if spec["extra_precision"]:
-        extra = spec["extra_precision"]
-        out["extra"] = time_ours(ckpts, utts, trials, accelerator, frames, workers, engine, cache, extra)
-    return out
-
-
-def spec_items(spec: dict):
-    """(unique utterances, trials) of the spec's trial selection, read as the parent read them."""
-    corpus = CORPORA[spec["corpus"]]
-    trials = read_trials_csv(corpus.data_dir / "trials" / f"{corpus.trial_list}.csv")[: spec["max_trials"]]
-    trials = select_trials(trials, spec["max_utts"])
-    return unique_utterances(trials), trials
-
-
-def run_side(side: str, spec_file: Path, work: Path, r: int) -> dict:
-    """bench.eval_speed --child SIDE in a fresh process (each side's process settings are its own: our evaluate.py
-    tunes its allocator on a CPU, s3prl does not); its figures come back through a JSON file."""
-    out = work / f"{side}_run{r}.json"
-    out.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "bench.eval_speed", "--child", side, "--spec", str(spec_file)]
-    run_child(args + ["--child_out", str(out)], work / f"{side}_run{r}.log")
-    return json.loads(out.read_text())
-
-
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 trials, one repetition")
@@ -434,19 +350,11 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--corpus", choices=list(CORPORA), default="demo", help="bench/common.py's corpora")
     parser.add_argument("--max_trials", type=int, default=None, help="the first N trials of the list")
     parser.add_argument("--max_utts", type=int, default=None, help="trials (in list order) over at most N utterances")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda (both sides and the floors)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (both sides)")
     parser.add_argument("--s3prl_workers", type=int, default=S3PRL_WORKERS, help="s3prl's DataLoader workers")
     parser.add_argument(
         "--workers", type=int, default=None, help="our DataLoader workers (default: evaluate.py's, per device)"
     )
-    parser.add_argument(
-        "--engine",
-        choices=list(ENGINES),
-        default="auto",
-        help="our --engine, chosen as for a VoxCeleb1 test list (auto: onnxruntime for an SSL upstream on a CPU)",
-    )
-    parser.add_argument("--onnx_cache_dir", default=str(WORK / "onnx_cache"), help="our --onnx_cache_dir")
-    parser.add_argument("--no_floor", action="store_true", help="skip the floors (pre-loaded forward passes)")
     parser.add_argument("--eval_max_frames", type=int, default=400_000, help="our batch budget (evaluate.py's)")
     parser.add_argument("--extra_precision", default=None, help="also time ours with this --upstream_precision")
     parser.add_argument(
@@ -468,6 +376,13 @@ def main(argv: list[str] | None = None) -> float:
         return 0.0
     if args.checkpoints > 1 and args.ckpt_dir:
         parser.error("--checkpoints > 1 uses random weights; leave out --ckpt_dir")
+    from bench import s3prl_shim
+
+    s3prl_shim.install()  # before the first s3prl import
+    from s3prl.problem import SuperbASV
+
+    from asv.extract import eval_workers
+
     max_trials, repeats = (300, 1) if args.quick else (args.max_trials, args.repeats)
     corpus = CORPORA[args.corpus]
     work = WORK / ("eval_quick" if args.quick else "eval") / f"{corpus.name}-{args.upstream}"
@@ -522,90 +437,56 @@ def main(argv: list[str] | None = None) -> float:
         s3prl_workers=args.s3prl_workers,
         workers=ours_workers,
         eval_max_frames=args.eval_max_frames,
-        floor=not args.no_floor,
         extra_precision=None,
-        engine=args.engine,
-        onnx_cache_dir=args.onnx_cache_dir,
     )
     spec_file = work / "spec.json"
     spec_file.write_text(json.dumps(spec, indent=1))
 
-    runs: dict[str, list] = {"s3prl": [], "ours": [], "floor": []}
+    runs: dict[str, list] = {"s3prl": [], "ours": []}
     n = len(utts) * args.checkpoints
-    extra = None
-    for r in range(repeats):  # interleaved, so drifting background load hits all three alike
+    for r in range(repeats):  # interleaved, so drifting background load hits both alike
         runs["s3prl"].append(run_side("s3prl", spec_file, work, r))
         if r == repeats - 1 and args.extra_precision:  # the last of our children also times the extra precision
             spec_file.write_text(json.dumps(spec | dict(extra_precision=args.extra_precision), indent=1))
-        mine = run_side("ours", spec_file, work, r)
-        extra = mine.get("extra", extra)
-        if r == 0 and mine["ours"]["engine"] != "torch":
-            how = "loaded from the cache" if mine["graph_was_cached"] else "exported (once per upstream and machine)"
-            print(f"  ours: upstream on {mine['ours']['engine']}; ONNX graph {how} in {mine['export_seconds']:.1f} s")
-        runs["ours"].append(mine["ours"])
-        if "floor" in mine:
-            runs["floor"].append(mine["floor"])
+        runs["ours"].append(run_side("ours", spec_file, work, r))
         s3, ours = runs["s3prl"][-1], runs["ours"][-1]
-        s3_run, our_run = s3["seconds"] - s3["build_seconds"], ours["seconds"] - ours["build_seconds"]
-        floors = (
-            f"floors: model {runs['floor'][-1]['model']:.1f} s, upstream {runs['floor'][-1]['upstream']:.1f} s; "
-            if runs["floor"]
-            else ""
-        )
         print(
             f"  run {r + 1}: s3prl {s3['seconds']:.1f} s (model build {s3['build_seconds']:.1f} s), ours "
-            f"{ours['seconds']:.1f} s (build {ours['build_seconds']:.1f} s), {floors}steady-state ours/s3prl "
-            f"{s3_run / our_run:.2f}x",
+            f"{ours['seconds']:.1f} s (build {ours['build_seconds']:.1f} s, upstream forward "
+            f"{ours['upstream_seconds']:.1f} s), steady-state ours/s3prl "
+            f"{(s3['seconds'] - s3['build_seconds']) / (ours['seconds'] - ours['build_seconds']):.2f}x; peak RSS "
+            f"s3prl {s3['peak_rss'] / 1e9:.2f} GB, ours {ours['peak_rss'] / 1e9:.2f} GB (with DataLoader workers, "
+            f"sampled: {s3['peak_rss_tree'] / 1e9:.2f}, {ours['peak_rss_tree'] / 1e9:.2f})",
             flush=True,
         )
 
     def best(side: str, key: str) -> float:
         return min(x[key] if key != "run" else x["seconds"] - x["build_seconds"] for x in runs[side])
 
-    out = {
-        "utterances": n,
-        "trials": len(trials),
-        "s3prl": {"utt_per_s": n / best("s3prl", "run"), "utt_per_s_with_build": n / best("s3prl", "seconds")},
-        "ours": {"utt_per_s": n / best("ours", "run"), "utt_per_s_with_build": n / best("ours", "seconds")},
-    }
-    out["s3prl"]["build_seconds"] = best("s3prl", "build_seconds")
-    out["ours"]["build_seconds"] = best("ours", "build_seconds")
-    s3_eer, our_eer = runs["s3prl"][-1]["eer"], runs["ours"][-1]["eer"]
-    out["s3prl"]["eer"], out["ours"]["eer"] = s3_eer, our_eer
-    out["s3prl"]["eers"], out["ours"]["eers"] = runs["s3prl"][-1]["eers"], runs["ours"][-1]["eers"]
-    print(
-        f"s3prl SuperbASV stage 3 : {out['s3prl']['utt_per_s']:6.2f} utterances/s steady "
-        f"({out['s3prl']['utt_per_s_with_build']:.2f} with its {out['s3prl']['build_seconds']:.1f} s model build)  "
-        f"EER {s3_eer:.3f}%"
-    )
-    print(
-        f"ours (evaluate.py)      : {out['ours']['utt_per_s']:6.2f} utterances/s steady "
-        f"({out['ours']['utt_per_s_with_build']:.2f} with its {out['ours']['build_seconds']:.1f} s model build)  "
-        f"EER {our_eer:.3f}%"
-    )
-    if runs["floor"]:
-        out["floor"] = {
-            "model_utt_per_s": n / best("floor", "model"),
-            "upstream_utt_per_s": n / best("floor", "upstream"),
+    out: dict = {"utterances": n, "trials": len(trials)}
+    for side in ("s3prl", "ours"):
+        out[side] = {
+            "utt_per_s": n / best(side, "run"),
+            "utt_per_s_with_build": n / best(side, "seconds"),
+            "build_seconds": best(side, "build_seconds"),
+            "peak_rss": max(x["peak_rss"] for x in runs[side]),
+            "peak_rss_tree": max(x["peak_rss_tree"] for x in runs[side]),
+            "eers": runs[side][-1]["eers"],
+            "eer": runs[side][-1]["eers"][0],
         }
+    for side, label in (("s3prl", "s3prl SuperbASV stage 3"), ("ours", "ours (evaluate.py)     ")):
+        x = out[side]
         print(
-            f"floors (pre-loaded)     : {out['floor']['model_utt_per_s']:6.2f} utterances/s our model's forward, "
-            f"{out['floor']['upstream_utt_per_s']:.2f} the upstream's forward alone ({runs['ours'][-1]['engine']})"
+            f"{label} : {x['utt_per_s']:6.2f} utterances/s steady ({x['utt_per_s_with_build']:.2f} with its "
+            f"{x['build_seconds']:.1f} s model build)  EER {x['eer']:.3f}%"
         )
-        if "upstream_torch" in runs["floor"][-1]:
-            out["floor"]["upstream_torch_utt_per_s"] = n / best("floor", "upstream_torch")
-            print(
-                f"                          {out['floor']['upstream_torch_utt_per_s']:6.2f} utterances/s the "
-                "upstream's PyTorch forward alone (s3prl's computation, in our process)"
-            )
+    extra = runs["ours"][-1].get("extra")
     if extra is not None:
-        out[f"ours_{args.extra_precision}"] = {
-            "utt_per_s": n / (extra["seconds"] - extra["build_seconds"]),
-            "eer": extra["eer"],
-        }
+        key = f"ours_{args.extra_precision}"
+        out[key] = {"utt_per_s": n / (extra["seconds"] - extra["build_seconds"]), "eer": extra["eers"][0]}
         print(
-            f"ours, upstream {args.extra_precision:<5}  : {out[f'ours_{args.extra_precision}']['utt_per_s']:6.2f} "
-            f"utterances/s steady  EER {extra['eer']:.3f}% (one run)"
+            f"ours, upstream {args.extra_precision:<5}  : {out[key]['utt_per_s']:6.2f} utterances/s steady  "
+            f"EER {extra['eers'][0]:.3f}% (one run)"
         )
     gap = max(abs(a - b) for a, b in zip(out["s3prl"]["eers"], out["ours"]["eers"], strict=True))
     if args.checkpoints > 1:
@@ -617,24 +498,26 @@ def main(argv: list[str] | None = None) -> float:
     # The embeddings' own check: every trial's score on both sides, matched by its two files.
     delta, closest, swapped = score_differences(runs["s3prl"][-1]["scores"], runs["ours"][-1]["scores"], trials, target)
     out["max_score_difference"], out["closest_scores"], out["swapped_pairs"] = delta, closest, swapped
-    verdict = eer_verdict(gap, delta, swapped)
     print(
         f"scores: max |s3prl - ours| {delta:.2e} over {len(trials)} trials x {args.checkpoints} checkpoint(s) "
         f"(tolerance {SCORE_TOLERANCE:g}); closest target/non-target scores {closest:.1e}; "
         f"{swapped} target/non-target pair(s) ordered differently"
     )
-    print(f"EER difference {gap:.3f} points ({verdict}; tolerance {EER_TOLERANCE})")
+    print(f"EER difference {gap:.3f} points ({eer_verdict(gap, delta, swapped)}; tolerance {EER_TOLERANCE})")
+    ours_run = min(runs["ours"], key=lambda x: x["seconds"] - x["build_seconds"])
+    out["vs_upstream"] = (ours_run["seconds"] - ours_run["build_seconds"]) / ours_run["upstream_seconds"]
+    print(
+        f"ours steady-state time = {out['vs_upstream']:.2f}x its upstream forward inside the same run (target for a "
+        f"real-size upstream <= {TARGET_VS_UPSTREAM}x)"
+    )
     ratio = out["ours"]["utt_per_s"] / out["s3prl"]["utt_per_s"]
-    fbank = cfg.model.upstream == "fbank"
-    print(f"ours/s3prl {ratio:.2f}x steady-state (target >= {FBANK_TARGET_VS_S3PRL if fbank else TARGET_VS_S3PRL}x)")
-    if "floor" in out:
-        vs_model = out["floor"]["model_utt_per_s"] / out["ours"]["utt_per_s"]
-        vs_up = out["floor"]["upstream_utt_per_s"] / out["ours"]["utt_per_s"]
-        print(
-            f"ours time = {vs_model:.2f}x our model's forward, {vs_up:.2f}x the upstream's alone (target <= "
-            + (f"{FBANK_TARGET_VS_FLOOR}x the model's)" if fbank else f"{TARGET_VS_UPSTREAM}x the upstream's)")
-        )
-        out.update(vs_model_floor=vs_model, vs_upstream_floor=vs_up)
+    target_ratio = FBANK_TARGET_VS_S3PRL if cfg.model.upstream == "fbank" else TARGET_VS_S3PRL
+    print(f"ours/s3prl {ratio:.2f}x steady-state (target >= {target_ratio}x)")
+    out["rss_ratio"] = out["ours"]["peak_rss"] / out["s3prl"]["peak_rss"]
+    print(
+        f"peak_rss_gb s3prl={out['s3prl']['peak_rss'] / 1e9:.2f} ours={out['ours']['peak_rss'] / 1e9:.2f} "
+        f"ratio={out['rss_ratio']:.2f} (each side's own process, VmHWM; target for one checkpoint <= {TARGET_RSS}x)"
+    )
     out.update(ratio=ratio, load=load.stop())
     print(LoadMonitor.describe(out["load"]))
     if args.json_out:

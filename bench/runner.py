@@ -1,18 +1,20 @@
 """Run one side of a benchmark in a child process: s3prl's own CLI, or one of our scripts.
 
     .venv-bench/bin/python -m bench.runner s3prl SuperbASV --target_dir DIR --cache_dir DIR ...
-    .venv-bench/bin/python -m bench.runner script train.py --data_dir data/demo ...
+    .venv/bin/python -m bench.runner script train.py --data_dir data/demo ...
 
 `s3prl` installs the torchaudio sox shim (bench/s3prl_shim.py) and then runs exactly what
 `python -m s3prl.main PROBLEM ...` runs. `script` runs a script of ours as `__main__`, with no shim: our
-code must not need it. With BENCH_STEP_LOG=FILE in the environment, every optimizer step appends its
-time.monotonic() to FILE, so both sides' update rates are measured the same way (the timestamps include
-data-loading stalls, as a user sees them, and exclude start-up and the first-run caches).
-With BENCH_SHAPE_LOG=FILE, every upstream forward (s3prl's S3PRLUpstream, which both sides use) appends
-`batch padded_samples`, so both sides' padded audio per update can be compared (ours logs the padded batch
-that asv.padding_trim computes without its padding, once, and each batch of a joint forward as its own). With
-BENCH_CUDA_MEM=FILE, the process writes its peak CUDA memory (allocated and reserved bytes, JSON) there when it
-exits. With BENCH_UPSTREAM_LOG=FILE, our script's training-step upstream forward appends `start end` per call.
+code must not need it. Environment variables, each naming a file:
+
+- BENCH_STEP_LOG: every optimizer step (any optimizer, both sides) appends its time.monotonic(), so both sides'
+  update rates are measured the same way (data-loading stalls included, start-up excluded by the reader).
+- BENCH_SHAPE_LOG: every training-step upstream forward appends `batch padded_samples`: s3prl's
+  S3PRLUpstream.forward, ours asv.forward.training_features (the one function our step runs its upstream
+  through), so both sides' padded audio per update can be compared. Ours adds `start end` (time.monotonic())
+  on a CPU: the share of each update its upstream takes, in the run itself (on a GPU that would need a sync
+  per step, which the step itself avoids).
+- BENCH_CUDA_MEM: at exit, the process's peak CUDA memory (allocated and reserved bytes, JSON).
 """
 
 from __future__ import annotations
@@ -28,84 +30,40 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
+def line_log(path: str):
+    return open(path, "a", buffering=1)  # noqa: SIM115  (kept open for the life of the process)
+
+
 def record_optimizer_steps(path: str) -> None:
-    """Append a timestamp per optimizer step (any optimizer) to `path`, one per line, flushed at once."""
-    log = open(path, "a", buffering=1)  # noqa: SIM115  (kept open for the life of the process)
-
-    def hook(optimizer, args, kwargs):
-        log.write(f"{time.monotonic():.6f}\n")
-
-    register_optimizer_step_post_hook(hook)
+    log = line_log(path)
+    register_optimizer_step_post_hook(lambda optimizer, args, kwargs: log.write(f"{time.monotonic():.6f}\n"))
 
 
-def record_upstream_batches(path: str, ours: bool) -> None:
-    """Append `batch padded_samples` per S3PRLUpstream forward to `path` (import the torchaudio shim first)."""
+def record_s3prl_upstream(path: str) -> None:
     from s3prl.nn.upstream import S3PRLUpstream
 
-    log = open(path, "a", buffering=1)  # noqa: SIM115  (kept open for the life of the process)
-    forward = S3PRLUpstream.forward
-    inside_trim = [False]
+    log, forward = line_log(path), S3PRLUpstream.forward
 
     def logged(self, wavs, wavs_len):
-        if not inside_trim[0]:
-            log.write(f"{wavs.size(0)} {wavs.size(1)}\n")
+        log.write(f"{wavs.size(0)} {wavs.size(1)}\n")
         return forward(self, wavs, wavs_len)
 
     S3PRLUpstream.forward = logged
-    if not ours:
-        return
-    from asv import padding_trim
-
-    trimmed = padding_trim.trimmed_upstream_forward
-
-    def logged_trim(upstream, wav, wav_len, *args, **kwargs):
-        # The padded batch, once (its utterances then run one by one through S3PRLUpstream, unlogged).
-        log.write(f"{wav.size(0)} {wav.size(1)}\n")
-        inside_trim[0] = True
-        try:
-            return trimmed(upstream, wav, wav_len, *args, **kwargs)
-        finally:
-            inside_trim[0] = False
-
-    padding_trim.trimmed_upstream_forward = logged_trim
-    grouped = padding_trim.grouped_upstream_forward
-
-    def logged_group(upstream, batches, *args, **kwargs):
-        # Each batch of the joint forward as the padded batch it stands for (the joint one itself unlogged).
-        for wav, wav_len in batches:
-            log.write(f"{wav.size(0)} {int(wav_len.max())}\n")
-        inside_trim[0] = True
-        try:
-            return grouped(upstream, batches, *args, **kwargs)
-        finally:
-            inside_trim[0] = False
-
-    padding_trim.grouped_upstream_forward = logged_group
 
 
-def record_upstream_time(path: str) -> None:
-    """Append `start end` (time.monotonic()) per call of our training step's upstream forward
-    (asv.upstream.upstream_features) to `path`: the share of each update our run spends in the upstream,
-    measured in the run itself."""
-    import asv.upstream
+def record_our_upstream(path: str) -> None:
+    import asv.training  # train_step calls training_features through this module's name for it
 
-    log = open(path, "a", buffering=1)  # noqa: SIM115  (kept open for the life of the process)
+    log, features = line_log(path), asv.training.training_features
 
-    def timed(fn):
-        def call(*args, **kwargs):
-            start = time.monotonic()
-            out = fn(*args, **kwargs)
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()
-            log.write(f"{start:.6f} {time.monotonic():.6f}\n")
-            return out
+    def logged(upstream, wav, wav_len, **kwargs):
+        start = time.monotonic()
+        out = features(upstream, wav, wav_len, **kwargs)
+        times = f" {start:.6f} {time.monotonic():.6f}" if wav.device.type == "cpu" else ""
+        log.write(f"{wav.size(0)} {wav.size(1)}{times}\n")
+        return out
 
-        return call
-
-    asv.upstream.upstream_features = timed(asv.upstream.upstream_features)
-    from asv import padding_trim  # --upstream_batches: the joint forward stands for its batches' calls
-
-    padding_trim.grouped_upstream_forward = timed(padding_trim.grouped_upstream_forward)
+    asv.training.training_features = logged
 
 
 def record_cuda_peak(path: str) -> None:
@@ -123,26 +81,24 @@ def record_cuda_peak(path: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] not in ("s3prl", "script"):
         raise SystemExit("usage: python -m bench.runner {s3prl PROBLEM | script FILE.py} [args ...]")
-    if os.environ.get("BENCH_STEP_LOG"):
-        record_optimizer_steps(os.environ["BENCH_STEP_LOG"])
-    if os.environ.get("BENCH_CUDA_MEM"):
-        record_cuda_peak(os.environ["BENCH_CUDA_MEM"])
     mode, target, args = argv[0], argv[1], argv[2:]
+    env = os.environ.get
+    if env("BENCH_STEP_LOG"):
+        record_optimizer_steps(env("BENCH_STEP_LOG"))
+    if env("BENCH_CUDA_MEM"):
+        record_cuda_peak(env("BENCH_CUDA_MEM"))
     if mode == "s3prl":
         from bench import s3prl_shim
 
         s3prl_shim.install()
-    else:
-        import asv.upstream  # noqa: F401  (its torchaudio shim, before s3prl.nn is imported below)
-    if os.environ.get("BENCH_SHAPE_LOG"):
-        record_upstream_batches(os.environ["BENCH_SHAPE_LOG"], ours=mode == "script")
-    if os.environ.get("BENCH_UPSTREAM_LOG") and mode == "script":
-        record_upstream_time(os.environ["BENCH_UPSTREAM_LOG"])
-    if mode == "s3prl":
+        if env("BENCH_SHAPE_LOG"):
+            record_s3prl_upstream(env("BENCH_SHAPE_LOG"))
         from s3prl import problem
 
         getattr(problem, target)().main(args)  # what s3prl/main.py does
     else:
+        if env("BENCH_SHAPE_LOG"):
+            record_our_upstream(env("BENCH_SHAPE_LOG"))
         sys.argv = [target, *args]
         runpy.run_path(target, run_name="__main__")
 
