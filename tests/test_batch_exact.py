@@ -71,7 +71,7 @@ def valid_frame_gap(hs, lens, singles) -> float:
 
 @pytest.mark.parametrize("name, size", CASES, ids=[f"{n}-{s or 'signal'}" for n, s in CASES])
 @pytest.mark.numerics
-def test_batched_equals_batch_1(name, size, ckpts, monkeypatch):
+def test_batched_equals_batch_1(name, size, ckpts):
     upstream = load(ckpts, name, size)
     assert plan_for(upstream).exact, plan_for(upstream).reason
     wavs = utterances([*SECONDS, TOO_SHORT])
