@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, TorchDynamoPlugin, set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 
 from asv.augment import build_augmenter
 from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
 from asv.datasets import EpochSampler, TrainDataset, collate_train, load_train_set
-from asv.errors import AsvError, describe
+from asv.errors import AsvError, ConfigError, describe
 from asv.extract import audio_lengths
 from asv.manifest import DEV_LIST, Trial, read_trials_csv
 from asv.models import SpeakerModel, build_speaker_model
-from asv.optim import build_optimizer_and_scheduler, gradient_accumulation
+from asv.optim import BatchPlan, build_optimizer_and_scheduler, plan_batches
 from asv.progress import UpdateBar
 from asv.rundir import (
     TrainState,
@@ -65,41 +65,54 @@ def main(argv: list[str] | None = None) -> Path | None:
             return None
         return train(cfg)
     except AsvError as err:  # the library explains in one line; the script exits with it
-        raise SystemExit(f"error: {describe(err)}") from None
+        # A configuration error is the same on every process of a launch: the first one says it.
+        quiet = isinstance(err, ConfigError) and int(os.environ.get("RANK", "0")) > 0
+        raise SystemExit(1 if quiet else f"error: {describe(err)}") from None
 
 
 def train(cfg: TrainConfig) -> Path:
     exp_dir = Path(cfg.run.exp_dir)
     if os.environ.get("WANDB_SWEEP_ID"):  # every sweep trial trains in its own directory
         exp_dir = exp_dir / f"sweep-{os.environ['WANDB_SWEEP_ID']}-{os.environ.get('WANDB_RUN_ID', int(time.time()))}"
-    # The plugin needs the accumulation before Accelerator exists; every launcher (accelerate launch,
-    # torchrun, SLURM through them) exports WORLD_SIZE.
-    accumulate = gradient_accumulation(cfg.optim, int(os.environ.get("WORLD_SIZE", 1)), cfg.data.batch_size)
+    # Before anything loads: the batch plan on this many processes (every launcher, accelerate launch, torchrun,
+    # SLURM through them, exports WORLD_SIZE), and a sweep trial's metric.
+    plan = plan_batches(cfg.optim, cfg.data.batch_size, int(os.environ.get("WORLD_SIZE", 1)))
+    dev_path = Path(cfg.data.data_dir) / "trials" / f"{DEV_LIST}.csv"
+    if os.environ.get("WANDB_SWEEP_ID") and not (cfg.run.eval_dev and dev_path.is_file()):
+        raise ConfigError(
+            f"this W&B sweep minimises dev/eer, which needs {dev_path} and --eval_dev true: prepare the data with "
+            "held-out dev speakers (python prepare.py ... --dev_speakers 40) and point --data_dir at it"
+        )
     mode = wandb_mode(cfg.run.wandb_mode)
     accelerator = Accelerator(
         mixed_precision=cfg.run.mixed_precision,
-        # Accumulation runs across epoch ends (s3prl counts backward passes globally), so an update
-        # always sums exactly gradient_accumulate batches.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulate, sync_with_dataloader=False),
         # We step the scheduler once per update ourselves; Accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if cfg.run.compile else None,
         log_with=None if mode == "disabled" else "wandb",
         project_dir=str(exp_dir),
     )
+    if accelerator.num_processes != plan.processes:  # a launcher that does not export WORLD_SIZE
+        raise AsvError(
+            f"WORLD_SIZE says {plan.processes} processes, Accelerate runs {accelerator.num_processes}: launch with "
+            "accelerate launch or torchrun, which export it"
+        )
     if cfg.run.mixed_precision == "bf16" and accelerator.device.type == "cpu":
         accelerator.print("warning: bf16 on a CPU is about 100x slower than fp32 here; use --mixed_precision no")
     set_seed(cfg.run.seed)
     preemption = Preemption()
-    run = build_run(cfg, accelerator)
+    run = build_run(cfg, accelerator, plan.per_device, dev_path)
     state, resumed = resume_or_start(cfg, accelerator, run.model, exp_dir)
     log = open_logs(cfg, accelerator, exp_dir, state, mode)
     model, upstream, optimizer, loader = run.model, run.upstream, run.optimizer, run.loader
     finetune = cfg.model.upstream_trainable
-    trainee = Trainee(model, upstream, optimizer, run.scheduler, finetune, cfg.run.upstream_precision)
-    print_banner(cfg, accelerator, run, accumulate, state, resumed)
+    trainee = Trainee(model, upstream, optimizer, run.scheduler, finetune, cfg.run.upstream_precision, plan.accumulate)
+    print_banner(cfg, accelerator, run, plan, state, resumed)
+    state.effective_batch = plan.effective
 
     def checkpoint() -> None:
+        # SUPERB's "best over checkpoints" is over the scheduled saves: evaluate.py sets the others aside.
+        state.scheduled = state.step > 0 and state.step % cfg.run.save_step == 0
         weights = lambda: embedder_weights(accelerator, model, upstream if finetune else None)  # noqa: E731
         save_checkpoint(accelerator, weights, lambda p: save_config(cfg, p), state, exp_dir, cfg.run.keep_num_ckpts)
         if run.dev_trials:
@@ -132,24 +145,12 @@ def train(cfg: TrainConfig) -> Path:
         for batch in batches:
             state.batch_in_epoch += 1
             head.set_step(state.step)
-            try:
-                # forward, backward and, on the batch that completes an update, clip + optimizer step
-                _, grad_norm = train_step(accelerator, trainee, batch, stats)
-            except torch.OutOfMemoryError:
-                # s3prl's OOM check is inverted and never fires; here the batch is dropped and counted.
-                if accelerator.num_processes > 1:  # the other ranks would wait for this one's gradients forever
-                    raise AsvError(
-                        f"out of memory at step {state.step} (batch {state.batch_in_epoch} of epoch {state.epoch}); "
-                        "lower --batch_size or --max_secs"
-                    ) from None
-                optimizer.zero_grad()
-                torch.cuda.empty_cache()
-                stats.out_of_memory()
-                stats.check(state.step, due=True)
+            # Forward, backward and, on the batch that completes an update, clip + optimizer step. A batch that
+            # runs out of memory is dropped without a trace (s3prl's OOM check is inverted and never fires).
+            loss, grad_norm = train_step(accelerator, trainee, batch, stats)
+            stats.check(state.step, due=loss is None)
+            if grad_norm is None:
                 continue  # not an update: the step counter only counts real ones
-            stats.check(state.step)
-            if not accelerator.sync_gradients:
-                continue
             state.step += 1
             bar.update()
 
@@ -193,6 +194,7 @@ def train(cfg: TrainConfig) -> Path:
             "steps": state.step,
             "skipped_updates": stats.skipped_updates,
             "oom_batches": stats.oom_batches,
+            "effective_batch": plan.effective,
             "unreadable_files": run.dataset.num_unreadable.value,
             "train_seconds": round(time.time() - t_start, 1),
             **run.stats,
@@ -218,8 +220,8 @@ class Run:
     dev_lengths: dict[str, int]
 
 
-def build_run(cfg: TrainConfig, accelerator: Accelerator) -> Run:
-    """Upstream, data, model, optimizer and loader, through one accelerator.prepare."""
+def build_run(cfg: TrainConfig, accelerator: Accelerator, batch_size: int, dev_path: Path) -> Run:
+    """Upstream, data, model, optimizer and loader (`batch_size` per device), through one accelerator.prepare."""
     upstream = build_upstream(cfg.model.upstream, cfg.model.upstream_ckpt, cfg.model.upstream_normalize)
     augment = build_augmenter(cfg.data)  # None unless an augmentation flag is set
     upstream.to(accelerator.device)
@@ -237,7 +239,7 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator) -> Run:
     workers = cfg.data.num_workers
     loader = DataLoader(
         dataset,
-        batch_size=cfg.data.batch_size,
+        batch_size=batch_size,
         sampler=EpochSampler(len(dataset), cfg.run.seed),
         collate_fn=collate_train,
         num_workers=workers,
@@ -251,7 +253,6 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator) -> Run:
         upstream = accelerator.prepare(upstream)
     if scheduler is not None:
         scheduler = accelerator.prepare(scheduler)
-    dev_path = Path(cfg.data.data_dir) / "trials" / f"{DEV_LIST}.csv"
     dev_trials = read_trials_csv(dev_path) if cfg.run.eval_dev and dev_path.is_file() else None
     dev_lengths = {}
     if dev_trials:
@@ -305,19 +306,15 @@ def open_logs(cfg: TrainConfig, accelerator: Accelerator, exp_dir: Path, state: 
     return log
 
 
-def print_banner(
-    cfg: TrainConfig, accelerator: Accelerator, run: Run, accumulate: int, state: TrainState, resumed
-) -> None:
+def print_banner(cfg: TrainConfig, accelerator: Accelerator, run: Run, plan: BatchPlan, state: TrainState, resumed):
     """The banner: what trains on what, the effective batch, and where the run starts."""
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     accelerator.print(
         f"training {cfg.model.upstream} -> {cfg.model.downstream} + {cfg.loss.loss} on {run.stats['utterances']} "
         f"utterances ({run.stats['dropped_short']} dropped as <= {cfg.data.min_secs}s after VAD), "
         f"{run.stats['classes']} speakers; {trainable / 1e6:.2f} M trainable parameters\n"
-        f"effective batch {cfg.data.batch_size * accelerator.num_processes * accumulate} = {cfg.data.batch_size} per "
-        f"device x {accelerator.num_processes} processes x {accumulate} accumulation; {len(run.loader)} batches per "
-        f"epoch per process; {cfg.run.total_steps} updates on {accelerator.device} (mixed precision: "
-        f"{cfg.run.mixed_precision})"
+        f"{plan.describe()}; {len(run.loader)} batches per epoch per process; {cfg.run.total_steps} updates on "
+        f"{accelerator.device} (mixed precision: {cfg.run.mixed_precision})"
         + (f"; dev list: {len(run.dev_trials)} trials (opt-in dev selection)" if run.dev_trials else "")
     )
     if resumed:

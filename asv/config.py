@@ -63,7 +63,9 @@ class DataConfig(_Checked):
     min_secs: float = 2.0
     # Randomly crop training utterances longer than this, in seconds (a new crop every epoch).
     max_secs: float = 8.0
-    # Utterances per batch on each device.
+    # Most utterances per batch on each device: the batch is the largest divisor of each process's share of
+    # --effective_batch not above it (SUPERB: 10; on 2 processes 5 x accumulation 5), or exactly this with
+    # --gradient_accumulate.
     batch_size: int = 10
     # DataLoader worker processes per device (s3prl: 6; 0 loads in the main process).
     num_workers: int = 2
@@ -160,10 +162,13 @@ class OptimConfig(_Checked):
     scheduler_kwargs: str = "{}"
     # Clip the global gradient norm to this value.
     gradient_clipping: float = 1000.0
-    # Batches whose gradients are summed before each optimizer update.
-    gradient_accumulate: int = 5
-    # Keep this many utterances per update on any number of devices: sets --gradient_accumulate to
-    # effective_batch / (batch_size x processes), which must divide evenly (SUPERB: 50 = 10 x 1 x 5).
+    # Batches whose gradients are summed before each optimizer update (default: what --effective_batch
+    # needs). Setting it fixes the batch at --batch_size: the effective batch is then batch_size x processes
+    # x this, labelled in the results when it is not SUPERB's 50.
+    gradient_accumulate: int | None = None
+    # Utterances per optimizer update over all processes (default: SUPERB's 50, i.e. 10 x 5 on one device,
+    # kept on any process count that divides it; train.py stops on one that does not). Another value is
+    # labelled in the results as not SUPERB's recipe.
     effective_batch: int | None = None
     # Learning rate of the featurizer's layer weights (default: --lr).
     featurizer_lr: float | None = None
@@ -172,6 +177,10 @@ class OptimConfig(_Checked):
 
     def __post_init__(self):
         super().__post_init__()
+        for name in ("gradient_accumulate", "effective_batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} {value}: needs a positive count")
         try:
             kwargs = yaml.safe_load(self.scheduler_kwargs)
         except yaml.YAMLError as err:
@@ -347,6 +356,10 @@ class EvalConfig(_Checked):
     # text trial list file, scored too). Default: the held-out dev list when it is scored; 'none': off. Cllr and
     # actDCF are reported on every other list, never on this one (they would not be held-out there).
     calibration_list: str | None = None
+    # Let off-schedule checkpoints (saved at a preemption signal, at a last step that is no multiple of
+    # save_step, or as step 0 by --save_initial) compete for best_result.json and the dev selection. Default: only
+    # the scheduled saves compete, as in SUPERB's best over its 20 checkpoints; the others are scored either way.
+    include_off_schedule: bool = False
     # Write a self-contained model directory here (weights, config, calibration, model card; asv/modeldir.py)
     # of --ckpt_dir's checkpoint, or with --exp_dir of the checkpoint selected on the dev list.
     export_model: str | None = None

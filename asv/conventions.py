@@ -18,3 +18,7 @@ def num_frames(num_samples, stride: int):
     ceil(num_samples / stride), the model's own frames first, its last one repeated past them. An int, a
     torch.export symbolic size or a tensor of lengths in, the same kind out (`//` floors on each)."""
     return (num_samples - 1) // stride + 1
+
+
+# Utterances per optimizer update in SuperbASV's recipe: batch_size 10 x gradient_accumulate 5 on one device.
+SUPERB_EFFECTIVE_BATCH = 50

@@ -32,7 +32,7 @@ from asv.audio import load_audio
 from asv.config import load_train_config
 from asv.datasets import RERUN_PREPARE, EvalDataset, collate_eval, length_buckets
 from asv.errors import BadAudioError, one_line
-from asv.forward import embedding_features
+from asv.forward import embedding_features, ieee_fp32
 from asv.manifest import unique_utterances
 from asv.metrics import compute_eer
 from asv.models import XVECTOR_LENGTH_REDUCTION, build_speaker_model
@@ -69,10 +69,15 @@ class ModelEmbedder:
 
     @torch.inference_mode()
     def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(*self.hidden_states(wav, wav_len))
+        return self.embed_hidden(*self.hidden_states(wav, wav_len))
 
     def hidden_states(self, wav: torch.Tensor, wav_len: torch.Tensor):
         return embedding_features(self.upstream, wav, wav_len, self.upstream_precision)
+
+    def embed_hidden(self, hidden: list[torch.Tensor], hidden_len: list[torch.Tensor]) -> torch.Tensor:
+        """Featurizer + downstream, in IEEE fp32 as in training (asv.forward.ieee_fp32)."""
+        with ieee_fp32():
+            return self.model.embed(hidden, hidden_len)
 
 
 class SharedUpstreamEmbedder:
@@ -99,7 +104,7 @@ class SharedUpstreamEmbedder:
     @torch.inference_mode()
     def __call__(self, wav: torch.Tensor, wav_len: torch.Tensor) -> torch.Tensor:
         hidden, hidden_len = self.embedders[0].hidden_states(wav, wav_len)
-        return torch.cat([e.model.embed(hidden, hidden_len) for e in self.embedders], dim=1)
+        return torch.cat([e.embed_hidden(hidden, hidden_len) for e in self.embedders], dim=1)
 
 
 class Embedder(ModelEmbedder):

@@ -1,10 +1,13 @@
-"""Optimizer, learning-rate schedule and the accumulation that keeps the effective batch."""
+"""Optimizer, learning-rate schedule and the batch plan that keeps the effective batch on any process count."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import yaml
 
+from asv.conventions import SUPERB_EFFECTIVE_BATCH
 from asv.errors import ConfigError
 
 
@@ -42,14 +45,54 @@ def build_optimizer_and_scheduler(optim_cfg, model: torch.nn.Module, upstream: t
     return optimizer, scheduler
 
 
-def gradient_accumulation(optim_cfg, num_processes: int, batch_size: int) -> int:
-    """Batches per optimizer update: --gradient_accumulate, or what --effective_batch implies."""
-    if not optim_cfg.effective_batch:
-        return optim_cfg.gradient_accumulate
-    per_update = batch_size * num_processes
-    if optim_cfg.effective_batch % per_update:
-        raise ConfigError(
-            f"--effective_batch {optim_cfg.effective_batch} is not a multiple of --batch_size {batch_size} x "
-            f"{num_processes} processes = {per_update}; change --batch_size"
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer update's utterances are split: `per_device` per batch on each of `processes`, summed over
+    `accumulate` batches."""
+
+    per_device: int
+    processes: int
+    accumulate: int
+
+    @property
+    def effective(self) -> int:
+        return self.per_device * self.processes * self.accumulate
+
+    def describe(self) -> str:
+        superb = (
+            "SUPERB's"
+            if self.effective == SUPERB_EFFECTIVE_BATCH
+            else f"opt-in: not SUPERB's {SUPERB_EFFECTIVE_BATCH}, so not SUPERB's recipe"
         )
-    return optim_cfg.effective_batch // per_update
+        return (
+            f"effective batch {self.effective} ({superb}) = {self.per_device} per device x {self.processes} "
+            f"processes x {self.accumulate} accumulation"
+        )
+
+
+def plan_batches(optim_cfg, batch_size: int, processes: int) -> BatchPlan:
+    """The batch plan on `processes` processes. By default an update sums SUPERB's 50 utterances on any process
+    count: each process's share split into the largest batch not above --batch_size that divides it (SUPERB on one
+    device: 10 x 5; on 2: 5 x 5; on 5: 10 x 1). --effective_batch sets another total the same way;
+    --gradient_accumulate fixes the batch at --batch_size and the total follows. Refused, in one line naming the
+    ways out, when the total cannot be split evenly."""
+    fixed, target = optim_cfg.gradient_accumulate, optim_cfg.effective_batch
+    if fixed:
+        plan = BatchPlan(batch_size, processes, fixed)
+        if target and plan.effective != target:
+            raise ConfigError(
+                f"--gradient_accumulate {fixed} with --batch_size {batch_size} on {processes} processes makes an "
+                f"effective batch of {plan.effective}, not --effective_batch {target}; pass only one of the two"
+            )
+        return plan
+    total = target or SUPERB_EFFECTIVE_BATCH
+    if total % processes:
+        counts = ", ".join(str(n) for n in range(1, total + 1) if total % n == 0)
+        what = f"--effective_batch {total}" if target else f"SUPERB's effective batch of {total}"
+        raise ConfigError(
+            f"{what} cannot be split evenly over {processes} processes: launch {counts} processes, or pass "
+            f"--effective_batch E with E a multiple of {processes} (results are then labelled as not SUPERB's recipe)"
+        )
+    share = total // processes
+    per_device = max(n for n in range(1, min(batch_size, share) + 1) if share % n == 0)
+    return BatchPlan(per_device, processes, share // per_device)

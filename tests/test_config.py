@@ -4,7 +4,9 @@ import sys
 import pytest
 
 from asv.config import TrainConfig, load_train_config, parse, save_config
+from asv.conventions import SUPERB_EFFECTIVE_BATCH
 from asv.errors import ConfigError
+from asv.optim import BatchPlan, plan_batches
 from tests.conftest import ROOT
 
 # Every SuperbASV.default_config field (spec 3.1) that belongs to training, as the flag that carries it.
@@ -60,16 +62,42 @@ def test_defaults_are_the_superb_recipe():
     cfg = TrainConfig()
     assert (cfg.data.min_secs, cfg.data.max_secs, cfg.data.batch_size) == (2.0, 8.0, 10)
     assert (cfg.loss.loss, cfg.loss.margin, cfg.loss.scale) == ("amsoftmax", 0.4, 30.0)
-    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.gradient_accumulate, cfg.optim.gradient_clipping) == (
-        "AdamW",
-        1e-4,
-        5,
-        1000.0,
-    )
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.gradient_clipping) == ("AdamW", 1e-4, 1000.0)
+    # SuperbASV's batch_size 10 x gradient_accumulate 5 on one device, the same 50 per update on any other count.
+    assert plan_batches(cfg.optim, cfg.data.batch_size, 1) == BatchPlan(10, 1, 5)
     assert (cfg.run.total_steps, cfg.run.log_step, cfg.run.save_step) == (200_000, 500, 10_000)
     assert (
         cfg.model.layer_selections is None and not cfg.model.upstream_trainable and not cfg.model.featurizer_normalize
     )
+
+
+@pytest.mark.parametrize(
+    "processes, plan", [(1, (10, 5)), (2, (5, 5)), (5, (10, 1)), (10, (5, 1)), (25, (2, 1)), (50, (1, 1))]
+)
+def test_superbs_50_per_update_on_any_process_count_that_divides_it(processes, plan):
+    got = plan_batches(TrainConfig().optim, 10, processes)
+    assert (got.per_device, got.accumulate) == plan and got.effective == SUPERB_EFFECTIVE_BATCH
+
+
+@pytest.mark.parametrize("processes", [3, 4, 8, 16])
+def test_a_process_count_that_does_not_divide_50_is_refused_with_the_ways_out(processes):
+    with pytest.raises(ConfigError) as err:
+        plan_batches(TrainConfig().optim, 10, processes)
+    assert "launch 1, 2, 5, 10, 25, 50 processes, or pass --effective_batch E" in str(err.value)
+
+
+def test_effective_batch_and_fixed_accumulation_plans():
+    optim = TrainConfig().optim
+    optim.effective_batch = 64
+    assert plan_batches(optim, 10, 8) == BatchPlan(8, 8, 1)  # 8 per process: the largest batch <= 10 dividing it
+    assert plan_batches(optim, 10, 1) == BatchPlan(8, 1, 8)
+    optim.effective_batch, optim.gradient_accumulate = None, 3
+    assert plan_batches(optim, 4, 2).effective == 24  # the batch is fixed at --batch_size
+    optim.effective_batch = 25
+    with pytest.raises(ConfigError, match="pass only one of the two"):
+        plan_batches(optim, 4, 2)
+    with pytest.raises(ConfigError, match="--gradient_accumulate 0: needs a positive count"):
+        parse(TrainConfig, ["--gradient_accumulate", "0"])
 
 
 def test_yaml_selects_non_default_loss_and_flags_override_it(tmp_path):

@@ -1,6 +1,7 @@
 """Training robustness: SIGKILL and preemption resume exactly, guards skip and abort, batch arithmetic, sweeps."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from asv.config import TrainConfig, parse
 from tests.conftest import ROOT
-from tests.test_pipeline import TRAIN, losses, run
+from tests.test_pipeline import CPU_ONE_THREAD, TRAIN, launch_2proc, losses, run
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +26,15 @@ def start(args):
     return subprocess.Popen(
         [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+def without(args: list[str], *flags: str) -> list[str]:
+    """`args` less each of `flags` and its value."""
+    kept = []
+    for i, a in enumerate(args):
+        if a not in flags and not (i and args[i - 1] in flags):
+            kept.append(a)
+    return kept
 
 
 def wait_for(predicate, proc, timeout=300):
@@ -91,16 +101,30 @@ def test_non_finite_losses_are_skipped_counted_and_abort_when_persistent(tmp_pat
 
     nan_calls = set(range(1000))
     calls["n"] = 0
-    with pytest.raises(SystemExit, match="3 updates in a row skipped"):
+    with pytest.raises(SystemExit, match="3 updates skipped or batches dropped in a row"):
         train.main([*common, "--exp_dir", str(tmp_path / "b"), "--total_steps", "10", "--max_consecutive_skips", "3"])
 
 
-def test_effective_batch_sets_accumulation_or_says_why_not(tmp_path, data_dir):
+def test_effective_batch_sets_the_plan_or_says_why_not(tmp_path, data_dir):
     common = ["train.py", *TRAIN, "--data_dir", str(data_dir), "--total_steps", "1", "--eval_dev", "false"]
-    out = run([*common, "--exp_dir", str(tmp_path / "a"), "--effective_batch", "12", "--batch_size", "4"])
-    assert "effective batch 12 = 4 per device x 1 processes x 3 accumulation" in out.stdout
-    bad = run([*common, "--exp_dir", str(tmp_path / "b"), "--effective_batch", "10", "--batch_size", "4"], check=False)
+    # TRAIN fixes --gradient_accumulate 2; without it the plan follows --effective_batch.
+    free = without(common, "--gradient_accumulate")
+    out = run([*free, "--exp_dir", str(tmp_path / "a"), "--effective_batch", "12", "--batch_size", "5"])
+    assert "effective batch 12 (opt-in: not SUPERB's 50" in out.stdout
+    assert "= 4 per device x 1 processes x 3 accumulation" in out.stdout
+    out = run([*free, "--exp_dir", str(tmp_path / "superb"), "--batch_size", "10", "--max_secs", "1.5"])
+    assert "effective batch 50 (SUPERB's) = 10 per device x 1 processes x 5 accumulation" in out.stdout
+    assert json.loads((tmp_path / "superb" / "train_summary.json").read_text())["effective_batch"] == 50
+    bad = run([*common, "--exp_dir", str(tmp_path / "b"), "--effective_batch", "10"], check=False)
     assert bad.returncode != 0 and "--effective_batch 10" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    # SUPERB's 50 cannot be split over 3 processes: refused before anything loads (no banner), in one line.
+    three = run([*free, "--exp_dir", str(tmp_path / "c")], check=False, env={"WORLD_SIZE": "3"})
+    assert three.returncode != 0 and "training" not in three.stdout, three.stdout
+    assert three.stderr.strip().splitlines() == [
+        "error: SUPERB's effective batch of 50 cannot be split evenly over 3 processes: launch 1, 2, 5, 10, 25, 50 "
+        "processes, or pass --effective_batch E with E a multiple of 3 (results are then labelled as not SUPERB's "
+        "recipe)"
+    ]
 
 
 def test_dev_eer_is_logged_at_each_checkpoint_and_sweep_runs_get_their_own_directory(tmp_path, data_dir):
@@ -115,6 +139,52 @@ def test_dev_eer_is_logged_at_each_checkpoint_and_sweep_runs_get_their_own_direc
     records = [json.loads(r) for r in (trial / "train_log.jsonl").read_text().splitlines()]
     dev = [(r["step"], r["dev/eer"]) for r in records if "dev/eer" in r]
     assert [s for s, _ in dev] == [1, 2] and all(0 <= e <= 100 for _, e in dev)
+
+
+def test_a_sweep_trial_without_a_dev_list_stops_before_training(tmp_path, data_dir):
+    # sweeps/*.yaml minimise dev/eer: a data dir prepared without --dev_speakers would train every trial blind.
+    bare = tmp_path / "no_dev"
+    shutil.copytree(data_dir, bare)
+    (bare / "trials" / "dev.csv").unlink()
+    env = {"WANDB_SWEEP_ID": "abc123", "WANDB_RUN_ID": "run8"}
+    args = ["train.py", *TRAIN, "--exp_dir", str(tmp_path / "exp"), "--total_steps", "2"]
+    for data, extra in ((bare, []), (data_dir, ["--eval_dev", "false"])):
+        out = run([*args, "--data_dir", str(data), *extra], env=env, check=False)
+        assert out.returncode != 0 and "training" not in out.stdout
+        (line,) = out.stderr.strip().splitlines()
+        assert line.startswith("error: this W&B sweep minimises dev/eer") and "--dev_speakers" in line
+    assert not (tmp_path / "exp").exists()
+
+
+def test_any_process_count_trains_superbs_effective_batch_or_stops_in_one_line(tmp_path, data_dir):
+    # Default batch flags: TRAIN without its --batch_size 4 and --gradient_accumulate 2.
+    args = [
+        "train.py",
+        *without(TRAIN, "--batch_size", "--gradient_accumulate"),
+        "--data_dir",
+        str(data_dir),
+        "--total_steps",
+        "1",
+        "--eval_dev",
+        "false",
+    ]
+    out = launch_2proc([*args, "--exp_dir", str(tmp_path / "two")])
+    assert "effective batch 50 (SUPERB's) = 5 per device x 2 processes x 5 accumulation" in out.stdout
+    assert json.loads((tmp_path / "two" / "step-1" / "train_state.json").read_text())["effective_batch"] == 50
+    three = run(
+        ["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml"]
+        + ["--num_processes", "3", "--main_process_port", "29562", *args, "--exp_dir", str(tmp_path / "three")],
+        env=CPU_ONE_THREAD,
+        check=False,
+    )
+    said = [line for line in (three.stdout + three.stderr).splitlines() if line.startswith("error:")]
+    assert three.returncode != 0 and "training" not in three.stdout
+    assert said == [
+        "error: SUPERB's effective batch of 50 cannot be split evenly over 3 processes: launch 1, 2, 5, 10, 25, 50 "
+        "processes, or pass --effective_batch E with E a multiple of 3 (results are then labelled as not SUPERB's "
+        "recipe)"
+    ]
+    assert not (tmp_path / "three").exists()  # stopped before anything was written
 
 
 def test_sweep_agent_arguments_parse():
