@@ -16,7 +16,8 @@ Writes under --out_dir (default <exp_dir>/evaluate; asv/rundir.py EvalLayout):
   step-<N>/calibration.json          cosine -> LLR map fitted on --calibration_list (default: dev) at this step
   step-<N>/layer_weights.png         featurizer weight per upstream hidden state (multi-layer upstreams)
   <list>/step-<N>/results.json       EER (percent) + threshold, minDCF@0.01/@0.05 + thresholds, min Cllr, trial
-                                     counts, the training set's protocol (+ "as_norm"); Cllr and actDCF@0.01/
+                                     counts, the training set's protocol, whether the checkpoint is a scheduled
+                                     save and its effective batch (+ "as_norm"); Cllr and actDCF@0.01/
                                      @0.05 of the calibrated scores on every list but the calibration list, and
                                      "calibration": where it was fitted, or why those metrics are absent
   <list>/step-<N>/scores.txt         one line per trial: score label [score_asnorm]
@@ -24,6 +25,9 @@ Writes under --out_dir (default <exp_dir>/evaluate; asv/rundir.py EvalLayout):
   <list>/det.png                     DET curves of the evaluated checkpoints
   <list>/best_result.json            the lowest EER on this list itself: SUPERB's protocol, selected on test
   <list>/selected_result.json        the checkpoint chosen on the held-out `dev` list (opt-in: --dev_speakers)
+Both compare the scheduled saves only (step > 0, a multiple of save_step), as SUPERB's best over its checkpoints;
+those saved at a preemption, a last step off the schedule or step 0 are scored but compete only with
+--include_off_schedule true, or when no scheduled one was evaluated.
 The work per checkpoint and per list is asv/evaluation.py's; this script chooses what to evaluate and runs it.
 """
 
@@ -43,8 +47,10 @@ from asv.evaluation import (
     Results,
     ScoredList,
     as_norm_stats,
+    checkpoint_head,
     choose_calibration_list,
     cohort_items,
+    competing,
     describe_training_set,
     det_plots,
     embed_run,
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
             cal = fit_checkpoint_calibration(
                 trials, vectors, list_name=calibration_list, why_not=no_calibration, step=step, ckpt=ckpt, layout=layout
             )
+            # Read once per checkpoint: it decides whether this step may compete and labels a non-SUPERB batch.
+            saved = checkpoint_head(ckpt)
             for n, ts in trials.items():
                 head = {
                     "step": step,
@@ -133,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "trials": n,
                     "test_effects": effects,
                     "training_set": training_set,
+                    **saved,
                 }
                 out = score_list(ts, vectors, head=head, layout=layout, calibration=cal, norm=norm, plots=cfg.plots)
                 results[n][step], scored[n][step] = out.result, out
@@ -146,11 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         # Across checkpoints: the best one on each list (SUPERB's protocol) and the one the dev list selects.
         if accelerator.is_main_process:
-            write_selections(results, layout)
+            write_selections(results, layout, cfg.include_off_schedule)
             if cfg.plots:
-                for n, path in det_plots(results, scored, layout, exp_dir.name).items():
+                dets = det_plots(results, scored, layout, exp_dir.name, cfg.include_off_schedule)
+                for n, path in dets.items():
                     log_images(accelerator, {f"eval/{n}/det": path}, max(results[n]))
-            print_table(results, training_set)
+            print_table(results, training_set, cfg.include_off_schedule)
             if cfg.export_model:
                 export(
                     cfg, ckpts=ckpts, results=results, layout=layout, data_dir=data_dir, upstream_cache=upstream_cache
@@ -241,14 +251,16 @@ def export(cfg: EvalConfig, *, ckpts, results: Results, layout: EvalLayout, data
         if any(r.get("step") == step for r in earlier):
             selection += f"; it is also the checkpoint with the lowest EER on the held-out '{DEV_LIST}' list"
     else:
-        step = selected_step(results)
+        step = selected_step(results, cfg.include_off_schedule)
         if step is None:
             raise ConfigError(
                 f"--export_model with --exp_dir exports the checkpoint selected on the held-out '{DEV_LIST}' list, "
                 "and none was scored; pass --ckpt_dir exp/<run>/step-<N> to choose one"
             )
         ckpt = dict(ckpts)[step]
-        selection = f"{DEV_SELECTION}, among steps {', '.join(map(str, sorted(results[DEV_LIST])))}"
+        contenders, note = competing(results[DEV_LIST], cfg.include_off_schedule)
+        selection = f"{DEV_SELECTION}, among steps {', '.join(map(str, sorted(contenders)))}"
+        selection += f"; {note}" if note else ""
     at_step = {n: by_step[step] for n, by_step in results.items()}
     fitted = next((r["calibration"] for r in at_step.values() if "slope" in r["calibration"]), None)
     cal = Calibration.load(layout.calibration(step)) if fitted else None

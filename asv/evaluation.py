@@ -3,7 +3,9 @@
   embed_run                   every checkpoint's {wav path: embedding}, those of a frozen upstream in one pass
   fit_checkpoint_calibration  a checkpoint's cosine -> LLR map, fitted on the calibration list (calibration.json)
   as_norm_stats               per test file, its top-N cohort statistics (AS-norm)
+  checkpoint_head             what results.json says of how a checkpoint was saved: scheduled, effective batch
   score_list                  one list at one checkpoint: results.json, scores.txt (and the score histogram)
+  competing                   the checkpoints a selection compares: the scheduled saves (SUPERB's), or all
   write_selections            best_result.json (SUPERB's protocol) and selected_result.json (the dev list's choice)
   det_plots, print_table      the DET curves and the printed table over checkpoints
 
@@ -22,15 +24,20 @@ from accelerate import Accelerator
 
 from asv.calibration import Calibration, fit_calibration
 from asv.config import load_train_config
+from asv.conventions import SUPERB_EFFECTIVE_BATCH
 from asv.errors import ConfigError
 from asv.extract import Embedder, embed_cached, embed_checkpoints
 from asv.manifest import DEV_LIST, Trial, read_train_csv, repeated_pairs
 from asv.metrics import P_TARGETS, calibrated_metrics, metrics
-from asv.rundir import EvalLayout
+from asv.rundir import EvalLayout, is_scheduled, read_train_state
 from asv.scoring import as_norm, cohort_stats, speaker_means, trial_scores
 
 SUPERB_SELECTION = "lowest EER on this list over the checkpoints (SUPERB's protocol: selected on test)"
 DEV_SELECTION = f"lowest EER on the held-out '{DEV_LIST}' list (opt-in; its speakers were left out of training)"
+# Why a checkpoint saved off the save_step schedule is marked in the table, and what happened to it.
+OFF_SCHEDULE = "* off-schedule save (step 0, a preemption, or a last step that is no multiple of save_step)"
+INCLUDED = "off-schedule checkpoints compete too (--include_off_schedule: not SUPERB's schedule)"
+FALLBACK = "no scheduled checkpoint evaluated: best over off-schedule ones (not SUPERB's schedule)"
 # What an exported model card says about the training data (prepare.json's summary).
 SUMMARY_KEYS = ("dataset", "utterances", "speakers", "hours")
 
@@ -55,6 +62,20 @@ def describe_training_set(data_dir: Path) -> str:
             "(opt-in: not SUPERB's training set, so not comparable to SUPERB's numbers)"
         )
     return f"all {summary['speakers']} training speakers (SUPERB's protocol)"
+
+
+def checkpoint_head(ckpt: Path) -> dict:
+    """results.json's entries on how checkpoint `ckpt` was saved: "scheduled" (one of the run's save_step
+    saves), "effective_batch" (utterances per update; None: unknown, a checkpoint older than the record) and,
+    when that is known and not SUPERB's, "effective_batch_note" saying the result is not SUPERB's recipe."""
+    batch = read_train_state(ckpt).get("effective_batch")
+    head = {"scheduled": is_scheduled(ckpt), "effective_batch": batch}
+    if batch is not None and batch != SUPERB_EFFECTIVE_BATCH:
+        head["effective_batch_note"] = (
+            f"{batch} utterances per update (opt-in: not SUPERB's recipe of {SUPERB_EFFECTIVE_BATCH}, "
+            "so not comparable to SUPERB's numbers)"
+        )
+    return head
 
 
 def training_data_card(data_dir: Path) -> dict:
@@ -262,11 +283,24 @@ def score_list(
     return ScoredList(res, scores, labels, images)
 
 
-def selected_step(results: Results) -> int | None:
+def competing(by_step: dict[int, dict], include_off_schedule: bool = False) -> tuple[dict[int, dict], str]:
+    """The results a selection compares, and a note when they are not just the scheduled saves. SUPERB's best
+    over checkpoints is over the save_step schedule; a checkpoint saved at a preemption, a last step off it or
+    step 0 would join that comparison by accident of when the run stopped. When no scheduled checkpoint was
+    evaluated (a short run saving only an off-schedule last step), the best over what exists beats none."""
+    scheduled = {s: r for s, r in by_step.items() if r["scheduled"]}
+    if len(scheduled) == len(by_step):
+        return by_step, ""
+    if include_off_schedule:
+        return by_step, INCLUDED
+    return (scheduled, "") if scheduled else (by_step, FALLBACK)
+
+
+def selected_step(results: Results, include_off_schedule: bool = False) -> int | None:
     """The checkpoint with the lowest EER on the held-out dev list (ties: the earliest), if there is one."""
     if DEV_LIST not in results or not results[DEV_LIST]:
         return None
-    return best_step(results[DEV_LIST])
+    return best_step(competing(results[DEV_LIST], include_off_schedule)[0])
 
 
 def best_step(by_step: dict[int, dict]) -> int:
@@ -274,27 +308,47 @@ def best_step(by_step: dict[int, dict]) -> int:
     return min(by_step.values(), key=lambda r: (r["eer"], r["step"]))["step"]
 
 
-def write_selections(results: Results, layout: EvalLayout) -> None:
-    """best_result.json per list; selected_result.json per list but the dev list, when the dev list is scored."""
-    chosen = selected_step(results)
+def _selection(how: str, by_step: dict[int, dict], include_off_schedule: bool) -> dict:
+    """A selection file's head: how it chose, and which steps competed and which were left out."""
+    contenders, note = competing(by_step, include_off_schedule)
+    return {
+        "selection": f"{how}; {note}" if note else how,
+        "competing_steps": sorted(contenders),
+        "excluded_steps": sorted(set(by_step) - set(contenders)),
+    }
+
+
+def write_selections(results: Results, layout: EvalLayout, include_off_schedule: bool = False) -> None:
+    """best_result.json per list; selected_result.json per list but the dev list, when the dev list is scored.
+    Off-schedule checkpoints compete only with `include_off_schedule` (or when no scheduled one was evaluated)."""
+    chosen = selected_step(results, include_off_schedule)
     for n, by_step in results.items():
-        best = by_step[best_step(by_step)]
-        layout.best(n).write_text(json.dumps({"selection": SUPERB_SELECTION, **best}, indent=1))
+        head = _selection(SUPERB_SELECTION, by_step, include_off_schedule)
+        best = by_step[best_step(competing(by_step, include_off_schedule)[0])]
+        layout.best(n).write_text(json.dumps({**head, **best}, indent=1))
         if chosen is not None and n != DEV_LIST:
-            layout.selected(n).write_text(json.dumps({"selection": DEV_SELECTION, **by_step[chosen]}, indent=1))
+            head = _selection(DEV_SELECTION, results[DEV_LIST], include_off_schedule)
+            layout.selected(n).write_text(json.dumps({**head, **by_step[chosen]}, indent=1))
 
 
-def det_plots(results: Results, scored: dict[str, dict[int, ScoredList]], layout: EvalLayout, run_name: str) -> dict:
+def det_plots(
+    results: Results,
+    scored: dict[str, dict[int, ScoredList]],
+    layout: EvalLayout,
+    run_name: str,
+    include_off_schedule: bool = False,
+) -> dict:
     """A DET plot per list, {list name: its PNG}: every checkpoint when there are few, else the first, selected,
     best and last."""
     from asv.plots import det_plot  # matplotlib loads (~1 s) only when figures are asked for
 
-    chosen, paths = selected_step(results), {}
+    chosen, paths = selected_step(results, include_off_schedule), {}
     for n, by_step in scored.items():
         steps = sorted(by_step)
         if len(steps) > 6:
             extra = {chosen} if chosen is not None else set()
-            steps = sorted({steps[0], steps[-1], best_step(results[n])} | extra)
+            best = best_step(competing(results[n], include_off_schedule)[0])
+            steps = sorted({steps[0], steps[-1], best} | extra)
         curves = {}
         for s in steps:
             tag = " (dev-selected)" if s == chosen and n != DEV_LIST else ""
@@ -303,18 +357,28 @@ def det_plots(results: Results, scored: dict[str, dict[int, ScoredList]], layout
     return paths
 
 
-def print_table(results: Results, training_set: str) -> None:
-    """Every list at every checkpoint, the selected and best ones marked, and what the calibration columns mean."""
-    chosen = selected_step(results)
-    asnorm = any("as_norm" in r for by_step in results.values() for r in by_step.values())
+def print_table(results: Results, training_set: str, include_off_schedule: bool = False) -> None:
+    """Every list at every checkpoint, the selected and best ones marked, off-schedule saves starred with what
+    the selections did with them, and what the calibration columns mean."""
+    chosen = selected_step(results, include_off_schedule)
+    rows = [r for by_step in results.values() for r in by_step.values()]
+    asnorm = any("as_norm" in r for r in rows)
     extra = f" {'AS-norm EER %':>14}" if asnorm else ""
     print(f"\ntraining set: {training_set}")
+    for note in sorted({r["effective_batch_note"] for r in rows if "effective_batch_note" in r}):
+        print(f"effective batch: {note}")
     print(
-        f"{'trials':<20} {'#trials':>8} {'step':>8} {'EER %':>8} {'minDCF@0.01':>12} {'minDCF@0.05':>12} "
+        f"{'trials':<20} {'#trials':>8} {'step':>8}  {'EER %':>8} {'minDCF@0.01':>12} {'minDCF@0.05':>12} "
         f"{'minCllr':>8} {'Cllr':>8} {'actDCF@0.01':>12} {'actDCF@0.05':>12}{extra}"
     )
+    off_schedule = set()  # what the selections did with the starred rows, per list
     for n, by_step in results.items():
-        best = best_step(by_step)
+        contenders, note = competing(by_step, include_off_schedule)
+        best = best_step(contenders)
+        if len(contenders) < len(by_step):
+            note = "left out of the best and the dev selection (--include_off_schedule true lets them compete)"
+        if any(not r["scheduled"] for r in by_step.values()):
+            off_schedule.add(note)
         for step, r in sorted(by_step.items()):
             marks = []
             if step == chosen and n != DEV_LIST and len(by_step) > 1:
@@ -323,12 +387,15 @@ def print_table(results: Results, training_set: str) -> None:
                 marks.append("<- best on test (SUPERB protocol)")
             col = f" {r['as_norm']['eer']:>14.2f}" if "as_norm" in r else ""
             cal = " ".join(_cell(r.get(k), w) for k, w in (("cllr", 8), ("act_dcf@0.01", 12), ("act_dcf@0.05", 12)))
+            star = " " if r["scheduled"] else "*"
             print(
-                f"{n:<20} {r['num_trials']:>8} {step:>8} {r['eer']:>8.2f} {r['min_dcf@0.01']:>12.4f} "
+                f"{n:<20} {r['num_trials']:>8} {step:>8}{star} {r['eer']:>8.2f} {r['min_dcf@0.01']:>12.4f} "
                 f"{r['min_dcf@0.05']:>12.4f} {r['min_cllr']:>8.4f} {cal}{col}"
                 + ("  " + " ".join(marks) if marks else "")
             )
-    entries = [r["calibration"] for by_step in results.values() for r in by_step.values()]
+    for note in sorted(off_schedule):
+        print(f"{OFF_SCHEDULE}: {note}")
+    entries = [r["calibration"] for r in rows]
     notes = {e.get("absent") or e.get("note", "") for e in entries}
     fitted = {e["fitted_on"]["trials"] for e in entries if "slope" in e}
     if fitted:

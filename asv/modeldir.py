@@ -235,6 +235,16 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _batch(cfg: TrainConfig, results: dict) -> str:
+    """The card's batch: the effective batch evaluate.py read from the checkpoint (labelled when not SUPERB's), or
+    for a checkpoint older than that record, the per-process batch its config names."""
+    head = next(iter(results.values()), {})
+    if head.get("effective_batch") is None:
+        acc = cfg.optim.gradient_accumulate
+        return f"batch {cfg.data.batch_size}" + (f" x accumulation {acc}" if acc else "") + " per process"
+    return head.get("effective_batch_note") or f"{head['effective_batch']} utterances per update (SUPERB's recipe)"
+
+
 def model_card(meta: dict, cfg: TrainConfig, results: dict, training: dict, calibration: Calibration | None) -> str:
     """README.md of the model directory (a Hugging Face model card): what it is, how it was trained and
     selected, what it scores, and how to use it."""
@@ -259,9 +269,8 @@ def model_card(meta: dict, cfg: TrainConfig, results: dict, training: dict, cali
         f"- Featurizer: softmax-weighted sum of {layers}" + (", layer-normalised" if m.featurizer_normalize else ""),
         f"- Downstream: `{m.downstream}`, {m.embed_dim}-dimensional embeddings",
         f"- Loss: `{loss.loss}` (margin {loss.margin}, scale {loss.scale})",
-        f"- Training: {src['step']} optimizer updates, {cfg.optim.optimizer} lr {cfg.optim.lr}, batch "
-        f"{cfg.data.batch_size} x accumulation {cfg.optim.gradient_accumulate} per process, crops of at most "
-        f"{cfg.data.max_secs} s",
+        f"- Training: {src['step']} optimizer updates, {cfg.optim.optimizer} lr {cfg.optim.lr}, "
+        f"{_batch(cfg, results)}, crops of at most {cfg.data.max_secs} s",
         f"- Test audio: {'gain -3 dB + VAD, as in training' if meta['audio']['test_effects'] else 'raw'}, 16 kHz mono",
         "",
         "## Training data",

@@ -44,16 +44,29 @@ TORCH_FILES = re.compile(r"^(optimizer|scheduler|sampler|scaler|random_states)(_
 
 
 class TrainState:
-    """Loop position, checkpointed as train_state.json (JSON, so loading it runs no code)."""
+    """Loop position, checkpointed as train_state.json (JSON, so loading it runs no code), with what evaluation
+    needs to know of each save. train.py sets `scheduled` (step > 0 and a multiple of save_step: SUPERB's best
+    over checkpoints compares only those) and `effective_batch` (utterances per optimizer update over all
+    processes, as resolved at run time) before each save; None means unknown."""
 
     def __init__(self):
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.scheduled: bool | None = None
+        self.effective_batch: int | None = None
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "scheduled": self.scheduled,
+            "effective_batch": self.effective_batch,
+        }
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.epoch, self.batch_in_epoch = d["step"], d["epoch"], d["batch_in_epoch"]
+        # Files written before the two marks existed lack them: unknown.
+        self.scheduled, self.effective_batch = d.get("scheduled"), d.get("effective_batch")
 
 
 def step_dir(exp_dir: Path, step: int) -> Path:
@@ -96,15 +109,46 @@ class EvalLayout:
 
 
 def read_train_state(ckpt: Path) -> dict:
-    """train_state.json ({"step", "epoch", "batch_in_epoch"}), validated."""
+    """train_state.json ({"step", "epoch", "batch_in_epoch"}, and "scheduled", "effective_batch" when written
+    since they exist), validated."""
     path = Path(ckpt) / "train_state.json"
     try:
         state = json.loads(path.read_text())
-        if not all(isinstance(state.get(k), int) for k in ("step", "epoch", "batch_in_epoch")):
+        if not isinstance(state, dict) or not all(
+            isinstance(state.get(k), int) for k in ("step", "epoch", "batch_in_epoch")
+        ):
             raise ValueError("needs integer step, epoch and batch_in_epoch")
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise CheckpointError(f"{path} is unreadable ({one_line(err)})") from None
+    scheduled, batch = state.get("scheduled"), state.get("effective_batch")
+    if scheduled is not None and not isinstance(scheduled, bool):
+        raise CheckpointError(
+            f'{path}: "scheduled" is {scheduled!r}, not true or false; correct it, or delete the key to have it '
+            "inferred from the checkpoint's config.yaml save_step"
+        )
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise CheckpointError(
+            f'{path}: "effective_batch" is {batch!r}, not a positive integer; correct it, or delete the key '
+            "(the effective batch is then reported as unknown)"
+        )
     return state
+
+
+def is_scheduled(ckpt: Path) -> bool:
+    """Whether checkpoint `ckpt` is one of its run's scheduled saves (step > 0, a multiple of save_step), not one
+    made at a preemption signal, at a last step off the schedule, or by --save_initial."""
+    state = read_train_state(ckpt)
+    if state.get("scheduled") is not None:
+        return state["scheduled"]
+    # Written before train_state.json carried the mark: the save_step of the launch that saved it tells, since
+    # each checkpoint holds the config.yaml of its own launch (a resume may change save_step).
+    try:
+        save_step = yaml.safe_load((Path(ckpt) / "config.yaml").read_text())["run"]["save_step"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
+        save_step = None
+    if not isinstance(save_step, int) or isinstance(save_step, bool) or save_step < 1:
+        return True  # no way to tell: it competes, as every checkpoint did before the mark
+    return state["step"] > 0 and state["step"] % save_step == 0
 
 
 def _check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:

@@ -30,14 +30,19 @@ def trained(tiny_demo, tmp_path_factory):
 def test_dev_selection_and_best_on_test_are_both_reported(trained):
     _, exp = trained
     ev = exp / "evaluate"
-    dev = {s: json.loads((ev / "dev" / f"step-{s}" / "results.json").read_text())["eer"] for s in (0, 2, 4)}
-    test = {s: json.loads((ev / "demo_test" / f"step-{s}" / "results.json").read_text())["eer"] for s in (0, 2, 4)}
-    chosen = min(dev, key=lambda s: (dev[s], s))
+    dev = {s: json.loads((ev / "dev" / f"step-{s}" / "results.json").read_text()) for s in (0, 2, 4)}
+    test = {s: json.loads((ev / "demo_test" / f"step-{s}" / "results.json").read_text()) for s in (0, 2, 4)}
+    # Step 0 (--save_initial) is scored but is no scheduled save of save_step 2: it competes in neither selection.
+    assert [test[s]["scheduled"] for s in (0, 2, 4)] == [False, True, True]
+    chosen = min((2, 4), key=lambda s: (dev[s]["eer"], s))
     selected = json.loads((ev / "demo_test" / "selected_result.json").read_text())
-    assert selected["step"] == chosen and selected["eer"] == test[chosen] and "dev" in selected["selection"]
+    assert selected["step"] == chosen and selected["eer"] == test[chosen]["eer"] and "dev" in selected["selection"]
     best = json.loads((ev / "demo_test" / "best_result.json").read_text())
-    assert best["eer"] == min(test.values()) and "SUPERB" in best["selection"]
+    assert best["eer"] == min(test[s]["eer"] for s in (2, 4)) and "SUPERB" in best["selection"]
+    assert best["competing_steps"] == [2, 4] and best["excluded_steps"] == [0]
     assert not (ev / "dev" / "selected_result.json").exists()
+    # 4 utterances x accumulation 2 on one process: trained with 8 per update, labelled as not SUPERB's 50.
+    assert test[4]["effective_batch"] == 8 and "not SUPERB's recipe" in test[4]["effective_batch_note"]
 
 
 def test_asnorm_plots_and_cache_are_written(trained):

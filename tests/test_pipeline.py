@@ -199,8 +199,11 @@ def test_train_resume_evaluate(tmp_path, data_dir):
         assert all(math.isfinite(res[k]) for k in ("eer", "min_dcf@0.01", "min_dcf@0.05"))
         assert 0 <= res["eer"] <= 100
     best = json.loads((exp / "evaluate" / "demo_test" / "best_result.json").read_text())
+    # Step 0 (--save_initial) is no scheduled save: it is scored but does not compete.
+    assert best["competing_steps"] == [2, 4, 6] and best["excluded_steps"] == [0]
     assert best["eer"] == min(
-        json.loads(p.read_text())["eer"] for p in exp.glob("evaluate/demo_test/step-*/results.json")
+        json.loads((exp / "evaluate" / "demo_test" / f"step-{s}" / "results.json").read_text())["eer"]
+        for s in (2, 4, 6)
     )
 
 
@@ -231,7 +234,10 @@ def test_two_processes_same_layout_and_scores(tmp_path, data_dir):
     exp = tmp_path / "exp2"
     args = ["train.py", *TRAIN, *sgd, "--data_dir", str(data_dir), "--exp_dir", str(exp), "--batch_size", "2"]
     out = launch_2proc(args)
-    assert "effective batch 8 = 2 per device x 2 processes x 2 accumulation" in out.stdout
+    assert (
+        "effective batch 8 (opt-in: not SUPERB's 50, so not SUPERB's recipe) = 2 per device x 2 processes x 2"
+        in out.stdout
+    )
     ckpt = exp / "step-1"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (ckpt / "embedder.safetensors").is_file() and not list(exp.glob(".tmp-*"))
