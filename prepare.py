@@ -8,7 +8,9 @@ Writes --out_dir (default data/<dataset>): train.csv, speakers.json, vad.json, t
 and prepare.json (formats in asv/manifest.py and the README). Defaults are SUPERB's: every training speaker
 trains and every trial of every list is kept as listed; `--dev_speakers 0.05` opts into held-out model
 selection, which changes the training set. Every training and trial file is decoded once: unusable ones are
-listed, not fatal. A second run with the same settings reuses what is there; --force redoes it.
+listed, not fatal. A second run with the same settings (--num_workers aside) reuses what is there; --force redoes
+it. Decoding uses every core this process may run on unless --num_workers says otherwise; the last line gives the
+files/s it reached.
 """
 
 from __future__ import annotations
@@ -21,9 +23,20 @@ from pathlib import Path
 
 from asv.audio import VAD_DESCRIPTION
 from asv.config import PrepareConfig, parse
-from asv.corpora import CORPORA, EXPECTED_TRIALS, audio_report, corpus_version, hold_out_dev, probe_all
+from asv.corpora import (
+    CORPORA,
+    EXPECTED_TRIALS,
+    audio_report,
+    corpus_version,
+    hold_out_dev,
+    probe_all,
+    worker_count,
+)
 from asv.errors import AsvError, ManifestError, describe
 from asv.manifest import TRAIN_FIELDS, TRIAL_FIELDS, Utterance, repeated_pairs, speaker_map, write_csv
+
+# Settings that change how prepare.py runs, never what it writes: a run that differs only in them reuses the output.
+RUN_ONLY_FIELDS = ("num_workers", "force")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -45,13 +58,14 @@ def main(argv: list[str] | None = None) -> Path:
 
         # Lengths and VAD intervals in one decode per file, cached per corpus in vad.json. Trial files are
         # decoded too, so every bad file is reported here and not hours into training or evaluation.
-        train_probes = probe_all([p for _, p, _ in corpus.train], cfg.gain_db, True, cfg.num_workers, "train files")
+        workers, t_decode = worker_count(cfg.num_workers), time.monotonic()
+        train_probes = probe_all([p for _, p, _ in corpus.train], cfg.gain_db, True, workers, "train files")
         train_paths = {p for _, p, _ in corpus.train}
         trial_paths = sorted({p for ts in corpus.trials.values() for t in ts for p in (t.wav_path1, t.wav_path2)})
         trial_paths = [p for p in trial_paths if p not in train_paths]
-        probes = dict(
-            zip(trial_paths, probe_all(trial_paths, cfg.gain_db, False, cfg.num_workers, "trial files"), strict=True)
-        )
+        probes = dict(zip(trial_paths, probe_all(trial_paths, cfg.gain_db, False, workers, "trial files"), strict=True))
+        # The rate the decoding reached, worker start-up included: what --num_workers buys on this machine.
+        decoded, decode_s = len(train_probes) + len(trial_paths), time.monotonic() - t_decode
         probes.update((p, r) for (_, p, _), r in zip(corpus.train, train_probes, strict=True))
         report, audio_counts = audio_report(probes)
         out.mkdir(parents=True, exist_ok=True)
@@ -95,10 +109,19 @@ def main(argv: list[str] | None = None) -> Path:
             "audio": audio_counts,
             "audio_report": report,
             "seconds": round(time.time() - t0, 1),
+            "decode": {
+                "files": decoded,
+                "seconds": round(decode_s, 2),
+                "workers": workers,
+                "files_per_s": round(decoded / decode_s, 1),
+            },
         }
         record = {"config": asdict(cfg), "corpus_version": corpus_version(cfg.dataset), "summary": summary}
         (out / "prepare.json").write_text(json.dumps(record, indent=1))
         print_summary(summary)
+        d = summary["decode"]
+        pool = f"{d['workers']} worker processes" if d["workers"] > 1 else "no worker processes"
+        print(f"decoded {d['files']} files in {d['seconds']:.1f} s with {pool}: {d['files_per_s']:.1f} files/s")
         return out
     except AsvError as err:  # the library explains in one line; the script exits with it
         raise SystemExit(f"error: {describe(err)}") from None
@@ -110,7 +133,10 @@ def already_prepared(out: Path, cfg: PrepareConfig) -> bool:
     if not marker.is_file() or cfg.force:
         return False
     previous = json.loads(marker.read_text())
-    if previous["config"] == asdict(cfg) and previous.get("corpus_version") == corpus_version(cfg.dataset):
+    same = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS} == {
+        k: v for k, v in previous["config"].items() if k not in RUN_ONLY_FIELDS
+    }
+    if same and previous.get("corpus_version") == corpus_version(cfg.dataset):
         print(f"{out} is already prepared (prepare.json matches; --force redoes it)")
         print_summary(previous["summary"])
         return True

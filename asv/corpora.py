@@ -152,7 +152,7 @@ def demo(cfg) -> Corpus:
                 shutil.rmtree(root / sub, ignore_errors=True)
             marker.unlink()
         print(f"generating the demo corpus in {root} ...")
-        info = generate_corpus(root, **args, num_workers=cfg.num_workers)
+        info = generate_corpus(root, **args, num_workers=worker_count(cfg.num_workers))
         marker.write_text(json.dumps({"args": wanted, "summary": info}, indent=1))
     trial_list = root / "demo_test.txt"  # the trial list's name is its stem: trials/demo_test.csv
     trial_list.write_text((root / "trials.txt").read_text())
@@ -266,6 +266,16 @@ def probe(path: str, gain_db: float, vad: bool = True) -> Probe:
         return Probe(bad=err.reason, detail=str(err))
     intervals = compute_vad(wav, gain_db) if vad else None
     return Probe(len(wav), intervals, info.samplerate, info.channels)
+
+
+def worker_count(num_workers: int | None) -> int:
+    """--num_workers, or by default the cores this process may run on: its affinity mask, which taskset, cgroup
+    cpusets and batch schedulers narrow below os.cpu_count(); os.cpu_count() where the OS has no such call (macOS)."""
+    if num_workers is not None:
+        return num_workers
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def probe_all(paths: list[str], gain_db: float, vad: bool, num_workers: int, desc: str) -> list[Probe]:
