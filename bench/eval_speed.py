@@ -20,7 +20,10 @@ turn, ours embeds them in one pass. Each side's time covers building the model, 
 trials; each side's model build is also timed on its own, and the steady-state rate leaves it out (it is paid once
 per checkpoint, whatever the list's size). Our run also times its upstream forward (asv.forward
 .embedding_features) inside itself. Both EERs are printed (same weights: they must agree within 0.01 point) and
-every trial's score compared. Last line: `ratio=<ours/s3prl>` (steady-state utterances/s).
+every trial's score compared, and every embedding: the cosine between s3prl's stage-3 embedding of each test
+utterance and ours. Our run records the fp32 precision flags (asv.forward.fp32_precision) in force when its
+x-vector's forward starts, from a hook on the downstream, and those in force outside it. Last line:
+`ratio=<ours/s3prl>` (steady-state utterances/s).
 """
 
 from __future__ import annotations
@@ -167,6 +170,15 @@ def s3prl_child(spec: dict) -> dict:
         return compute_eer(labels, trial_scores)
 
     sv.compute_eer = recording
+    embeddings, reduction = [], sv.SpeakerVerification.test_reduction
+
+    def recording_reduction(self, cached_results, _dump_dir):  # stage 3 hands it every embedding of a checkpoint
+        results = self.parse_cached_results(cached_results)
+        names, vectors = results["unique_name"], results["spk_embedding"]
+        embeddings.append({name: v.tolist() for name, v in zip(names, vectors, strict=True)})
+        return reduction(self, cached_results, _dump_dir)
+
+    sv.SpeakerVerification.test_reduction = recording_reduction
     problem = SuperbASV()
     overrides = dict(
         target_dir=str(target),
@@ -196,17 +208,26 @@ def s3prl_child(spec: dict) -> dict:
         100.0 * yaml.safe_load((target / f"evaluate/test_trial/step_{k}/result.yaml").read_text())["EER"]
         for k in range(checkpoints)
     ]
-    return {"seconds": seconds, "build_seconds": sum(builds), "eers": eers, "scores": scores, "peak_rss": peak_rss()}
+    return {
+        "seconds": seconds,
+        "build_seconds": sum(builds),
+        "eers": eers,
+        "scores": scores,
+        "embeddings": embeddings,
+        "peak_rss": peak_rss(),
+    }
 
 
 def ours_child(spec: dict) -> dict:
     """One timed run of ours in a process of its own, set up as evaluate.py's main sets up its own: seconds (total,
-    of building the Embedders, of the upstream's forward inside the run), EER % and every trial's score per
-    checkpoint, and peak RSS. Then, with `extra_precision`, the same run with that upstream precision."""
+    of building the Embedders, of the upstream's forward inside the run), EER %, every trial's score and every
+    utterance's embedding per checkpoint, the fp32 precision flags in the downstream's forward and outside it, and
+    peak RSS. Then, with `extra_precision`, the same run with that upstream precision."""
     from accelerate import Accelerator
 
     import asv.extract
     from asv.extract import Embedder, audio_lengths, embed_checkpoints
+    from asv.forward import fp32_precision
     from asv.metrics import compute_eer
     from asv.scoring import trial_scores
 
@@ -230,8 +251,10 @@ def ours_child(spec: dict) -> dict:
         t0 = time.perf_counter()
         upstream_cache: dict = {}
         embedders = [Embedder(Path(c), accelerator.device, upstream_cache) for c in spec["ckpts"]]
+        in_downstream: list[dict] = []
         for embedder in embedders:
             embedder.upstream_precision = precision or embedder.upstream_precision
+            record_fp32_precision(embedder.model.downstream, in_downstream)
         build = time.perf_counter() - t0
         lengths = audio_lengths([p for _, p in utts])
         vectors = embed_checkpoints(
@@ -248,7 +271,13 @@ def ours_child(spec: dict) -> dict:
         eers = [100.0 * compute_eer(x, labels)[0] for x in scores]
         seconds, scores = time.perf_counter() - t0, [[float(x) for x in v] for v in scores]
         return dict(
-            seconds=seconds, build_seconds=build, upstream_seconds=upstream_seconds[0], eers=eers, scores=scores
+            seconds=seconds,
+            build_seconds=build,
+            upstream_seconds=upstream_seconds[0],
+            eers=eers,
+            scores=scores,
+            embeddings=[{p: x.tolist() for p, x in v.items()} for v in vectors],
+            downstream_precision={"in_downstream": in_downstream, "outside": fp32_precision()},
         )
 
     out = run(None) | {"peak_rss": peak_rss()}
@@ -265,6 +294,25 @@ def spec_items(spec: dict):
     trials = read_trials_csv(corpus.data_dir / "trials" / f"{corpus.trial_list}.csv")[: spec["max_trials"]]
     trials = select_trials(trials, spec["max_utts"])
     return unique_utterances(trials), trials
+
+
+def record_fp32_precision(module: torch.nn.Module, seen: list[dict]) -> None:
+    """Append to `seen` the fp32 precision flags (asv.forward.fp32_precision) in force each time `module`'s forward
+    starts, each distinct setting once: what the real call ran under, whatever wraps it."""
+    from asv.forward import fp32_precision
+
+    def hook(_module, _args):
+        flags = fp32_precision()
+        if flags not in seen:
+            seen.append(flags)
+
+    module.register_forward_pre_hook(hook)
+
+
+def describe_precision(flags: list[dict] | dict) -> str:
+    """`cudnn.conv ieee, cuda.matmul ieee`; several settings recorded in turn are joined by ` / `."""
+    settings = [flags] if isinstance(flags, dict) else flags
+    return " / ".join(", ".join(f"{k} {v}" for k, v in s.items()) for s in settings) or "none recorded"
 
 
 def run_side(side: str, spec_file: Path, work: Path, r: int) -> dict:
@@ -284,7 +332,7 @@ def score_differences(s3prl_scores, our_scores, trials, target: Path) -> tuple[f
     files. An EER depends on the scores only through that order, so with no such pair the EERs must be equal."""
 
     def key(a, b) -> tuple[str, str]:
-        return str((ROOT / a).resolve()), str((ROOT / b).resolve())
+        return file_key(a), file_key(b)
 
     ours_at = {key(t.wav_path1, t.wav_path2): i for i, t in enumerate(trials)}
     with open(target / "test_trial.csv") as f:
@@ -300,6 +348,31 @@ def score_differences(s3prl_scores, our_scores, trials, target: Path) -> tuple[f
             closest = min(closest, float(np.diff(a[by_score])[change].min()))
         swapped += swapped_pairs(a, b, labels)
     return delta, closest, swapped
+
+
+def file_key(path: str) -> str:
+    """The file a wav path names (relative ones from the repository root), through s3prl's view's links."""
+    return str((ROOT / path).resolve())
+
+
+def embedding_cosines(s3prl_embeddings: list[dict], our_embeddings: list[dict], target: Path) -> dict:
+    """Cosine between s3prl's embedding of each test utterance and ours, over every checkpoint: min, mean, and
+    how many embeddings were compared. s3prl keys its embeddings by its own utterance ids, which its test_trial.csv
+    maps to wav paths linking to the same files as ours."""
+    path_of = {}
+    with open(target / "test_trial.csv") as f:
+        for r in csv.DictReader(f):
+            path_of[r["id1"]], path_of[r["id2"]] = file_key(r["wav_path1"]), file_key(r["wav_path2"])
+    cosines = []
+    for s3, ours in zip(s3prl_embeddings, our_embeddings, strict=True):
+        ours_at = {file_key(p): v for p, v in ours.items()}
+        if sorted(ours_at) != sorted(path_of[name] for name in s3):
+            raise SystemExit("error: s3prl's stage 3 and ours embedded different utterances")
+        a = np.array([s3[name] for name in s3], dtype=np.float64)  # (N, E)
+        b = np.array([ours_at[path_of[name]] for name in s3], dtype=np.float64)
+        cosines.append((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    cosines = np.concatenate(cosines)
+    return {"min": float(cosines.min()), "mean": float(cosines.mean()), "embeddings": len(cosines)}
 
 
 def eer_verdict(eer_difference: float, max_score_difference: float, swapped: int) -> str:
@@ -504,6 +577,20 @@ def main(argv: list[str] | None = None) -> float:
         f"{swapped} target/non-target pair(s) ordered differently"
     )
     print(f"EER difference {gap:.3f} points ({eer_verdict(gap, delta, swapped)}; tolerance {EER_TOLERANCE})")
+    # The embeddings themselves, and the fp32 precision our downstream computed them in.
+    s3prl_embeddings = runs["s3prl"][-1]["embeddings"]
+    ours_runs = {"ours": ("fp32", runs["ours"][-1])}
+    if extra is not None:
+        ours_runs[f"ours_{args.extra_precision}"] = (f"upstream {args.extra_precision}", extra)
+    for key, (label, run) in ours_runs.items():
+        cos = out[key]["cosine_vs_s3prl"] = embedding_cosines(s3prl_embeddings, run["embeddings"], target)
+        precision = out[key]["downstream_precision"] = run["downstream_precision"]
+        print(
+            f"embeddings, ours ({label}) vs s3prl's stage 3 (batch 1), same weights: cosine min {cos['min']:.8f} "
+            f"(1 - cos {1 - cos['min']:.1e}), mean {cos['mean']:.8f} over {cos['embeddings']} embeddings; "
+            f"fp32 precision in our x-vector's forward: {describe_precision(precision['in_downstream'])} "
+            f"(outside it: {describe_precision(precision['outside'])})"
+        )
     ours_run = min(runs["ours"], key=lambda x: x["seconds"] - x["build_seconds"])
     out["vs_upstream"] = (ours_run["seconds"] - ours_run["build_seconds"]) / ours_run["upstream_seconds"]
     print(

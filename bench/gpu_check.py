@@ -8,7 +8,9 @@ For HuBERT Base (95 M, hubert_local) and WavLM Large (317 M, wavlm_local), rando
 (bench/common.py LONG: 4-12 s utterances, so batches are padded to the 8 s crop as on VoxCeleb1) with
 s3prl's runner in fp32, ours in fp32 and ours with the frozen upstream in bf16 (--upstream_precision bf16):
 updates/s and peak GPU memory; evaluation (s3prl's stage 3 at batch 1 vs ours batched, fp32 and bf16 upstream)
-in utterances/s, with the same-weights EER check. From its own measurements it projects the wall time of the
+in utterances/s, with the same-weights EER check and the cosine between s3prl's embeddings and ours. It records the
+fp32 precision flags in force in our x-vector's forward (a hook on the downstream) in that evaluation and in one
+training step (asv.training.train_step), and outside it. From its own measurements it projects the wall time of the
 full SUPERB run (200,000 updates of 50 utterances) and of one pass over VoxCeleb1's 4,874 test utterances.
 Writes gpu_check-<mode>-<time>.md and .json under --out_dir (and into $OUT when that is set: the device tool
 brings back what is there). The --cpu dry mode runs every part with tiny upstreams and tiny sizes; its figures
@@ -114,12 +116,51 @@ def check_upstream(plan: dict, name: str, size: str, label: str, out_dir: Path) 
         "size": size,
         "train": json.loads(train_json.read_text()),
         "eval": json.loads(eval_json.read_text()),
+        "train_step_precision": train_step_precision(plan["device"], name, str(ckpt)),
         "seconds": {"train": train_s, "eval": eval_s},
     }
 
 
+def train_step_precision(device: str, name: str, ckpt: str) -> dict:
+    """The fp32 precision flags in force when our x-vector's forward starts in one real training step
+    (asv.training.train_step, train.py's step: fp32, the frozen upstream on `device`), and outside it after the
+    step. The flags do not depend on the audio: two seeded random utterances stand in for a batch of the corpus."""
+    from accelerate import Accelerator
+
+    from asv.config import TrainConfig, parse
+    from asv.forward import fp32_precision
+    from asv.models import build_speaker_model
+    from asv.training import RunningStats, Trainee, train_step
+    from asv.upstream import build_upstream
+
+    cfg, _ = parse(TrainConfig, ["--upstream", name, "--upstream_ckpt", ckpt, "--mixed_precision", "no"])
+    accelerator = Accelerator(mixed_precision="no", cpu=device == "cpu")
+    upstream = build_upstream(name, ckpt, cfg.model.upstream_normalize).to(accelerator.device)
+    model = build_speaker_model(cfg.model, cfg.loss, upstream, num_classes=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    in_downstream: list[dict] = []
+    eval_speed.record_fp32_precision(accelerator.unwrap_model(model).downstream, in_downstream)
+    lengths = torch.tensor([3 * 16_000, 2 * 16_000])
+    wav = torch.randn(2, int(lengths.max()), generator=torch.Generator().manual_seed(0)) * 0.1
+    model.train()
+    trainee = Trainee(model, upstream, optimizer, None)
+    train_step(accelerator, trainee, (wav, lengths, torch.tensor([0, 1])), RunningStats(accelerator.device, 3))
+    outside = fp32_precision()
+    del model, optimizer, trainee, upstream
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next upstream's benches run in child processes: leave them the memory
+    return {"in_downstream": in_downstream, "outside": outside}
+
+
+def cosine(x: float) -> str:
+    """A cosine near 1 with its distance from 1 (what decides whether two embeddings agree)."""
+    return f"{x:.8f} (1 - cos {1 - x:.1e})"
+
+
 def report(mode: str, plan: dict, results: list[dict], environment: dict) -> str:
-    """The markdown report: environment, training and evaluation tables, projection, EER check."""
+    """The markdown report: environment, training and evaluation tables (EER check), embeddings vs s3prl's,
+    downstream precision, projection."""
     unit = "GPU" if mode == "gpu" else "CPU (dry run, tiny upstreams: NOT a GPU figure)"
     lines = [f"# GPU check ({mode} mode), {environment['date']}", ""]
     lines += [f"- {k}: {v}" for k, v in environment.items() if k != "date"]
@@ -158,6 +199,45 @@ def report(mode: str, plan: dict, results: list[dict], environment: dict) -> str
             f"{e['ours_bf16']['utt_per_s']:.2f} | {e['ratio']:.2f}x | {e['s3prl']['eer']:.3f}% | "
             f"{e['ours']['eer']:.3f}% | {e['eer_difference']:.3f} ({verdict}) |"
         )
+    lines += [
+        "",
+        "## Embeddings: ours vs s3prl's stage 3 (batch 1), same weights",
+        "",
+        "Cosine between s3prl's embedding of each test utterance and ours, over the evaluation's utterances.",
+        "",
+        "| upstream | embeddings | fp32: min cosine | fp32: mean cosine | upstream bf16: min cosine | "
+        "upstream bf16: mean cosine |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        fp32, bf16 = r["eval"]["ours"]["cosine_vs_s3prl"], r["eval"]["ours_bf16"]["cosine_vs_s3prl"]
+        lines.append(
+            f"| {r['label']} | {fp32['embeddings']} | {cosine(fp32['min'])} | {cosine(fp32['mean'])} | "
+            f"{cosine(bf16['min'])} | {cosine(bf16['mean'])} |"
+        )
+    lines += [
+        "",
+        "## Downstream fp32 precision",
+        "",
+        "PyTorch's fp32 precision flags (asv.forward.fp32_precision) in force when our x-vector's forward starts, "
+        "recorded by a hook on the downstream during the real calls, and in the same process outside it "
+        "(`none`: PyTorch's default for the backend, TF32 for cuDNN convolutions, IEEE for CUDA matmuls). "
+        "s3prl's TDNN is a Linear layer, a matmul: IEEE fp32 by PyTorch's default.",
+        "",
+        "| upstream | call | in the x-vector's forward | outside it |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        calls = [
+            ("embedding, ours fp32", r["eval"]["ours"]["downstream_precision"]),
+            ("embedding, ours upstream bf16", r["eval"]["ours_bf16"]["downstream_precision"]),
+            ("training step, ours fp32", r["train_step_precision"]),
+        ]
+        for call, p in calls:
+            lines.append(
+                f"| {r['label']} | {call} | {eval_speed.describe_precision(p['in_downstream'])} | "
+                f"{eval_speed.describe_precision(p['outside'])} |"
+            )
     lines += [
         "",
         f"## Projection from these {unit} figures",
