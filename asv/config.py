@@ -15,16 +15,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 from simple_parsing import ArgumentParser, DashVariant, choice
 
 from asv.errors import ConfigError, one_line
 
-# torch.optim's optimizer classes: the registry --optimizer chooses from.
-OPTIMIZERS = sorted(
-    n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
-)
+# The torch.optim classes --optimizer chooses from (asv.optim builds them by name): those in every supported torch
+# (tests/test_config.py checks them against the installed one) that step without a closure on dense gradients,
+# as the training loop needs (not LBFGS, SparseAdam). Named here, not read from torch.optim: settings load without
+# torch (prepare.py's decode workers each import them).
+OPTIMIZERS = (
+    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"
+)  # fmt: skip
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 # The names --downstream, --loss and --dataset accept. Settings import no runtime code, so the registries that
@@ -288,8 +290,9 @@ class PrepareConfig(_Checked):
     cache_dir: str = "~/.cache/superb-asv"
     # Gain applied before the VAD, in dB (SUPERB's sox `gain -3`); train.py applies the same value.
     gain_db: float = -3.0
-    # Processes used to read lengths and run the VAD over the training set.
-    num_workers: int = 2
+    # Processes decoding the audio (lengths, VAD, unusable files) and generating the demo corpus (default: the
+    # cores this process may run on, os.sched_getaffinity; saved as given, so prepare.json fits any machine).
+    num_workers: int | None = None
     # Redo everything even if the outputs exist.
     force: bool = False
     # Opt-in honest model selection, which CHANGES THE TRAINING SET: hold this many training speakers out

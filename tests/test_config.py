@@ -148,3 +148,15 @@ def test_wandb_auto_follows_wandb_mode_then_login(monkeypatch, tmp_path):
     assert wandb_mode("auto") == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode("auto") == "online"
+
+
+def test_optimizer_choices_are_torch_optimizers_the_loop_can_step():
+    import torch
+
+    from asv.config import OPTIMIZERS
+
+    for name in OPTIMIZERS:
+        cls = getattr(torch.optim, name)
+        assert issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer, name
+    with pytest.raises((ConfigError, SystemExit), match="LBFGS"):  # it needs a closure at every step: not offered
+        parse(TrainConfig, ["--optimizer", "LBFGS"])
