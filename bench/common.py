@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from asv.corpora import worker_count
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "exp/bench"
 # s3prl's VoxCeleb1SV treats speakers id10270..id10309 as the test set (hard-coded) and everything else as
@@ -69,7 +71,7 @@ def machine_banner() -> str:
                 break
     except OSError:
         pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = worker_count(None)  # the cores this process may run on
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     gpu = f"\ngpu: {gpu_description()}" if torch.cuda.is_available() else ""
     return (

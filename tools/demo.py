@@ -25,6 +25,7 @@ import numpy as np
 
 from asv.audio import load_audio
 from asv.baseline import mean_mfcc_scores
+from asv.corpora import worker_count
 from asv.manifest import read_trials_csv
 from asv.metrics import metrics
 
@@ -68,7 +69,7 @@ def machine() -> str:
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     # Logical CPUs sharing a core (SMT siblings) share its FMA units: what matters for GEMM throughput.
     cores = len({(b.get("physical id"), b.get("core id")) for b in blocks if "core id" in b})
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = worker_count(None)  # the cores this process may run on
     physical = f" on {cores} physical core{'s' if cores != 1 else ''}" if cores else ""
     return (
         f"{model} ({isa}); {usable} usable logical CPUs{physical}; "
