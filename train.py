@@ -41,6 +41,7 @@ from asv.rundir import (
     check_resumable,
     check_weights_match,
     list_checkpoints,
+    load_initial_weights,
     read_train_state,
     remove_interrupted_saves,
     save_checkpoint,
@@ -102,7 +103,7 @@ def train(cfg: TrainConfig) -> Path:
     set_seed(cfg.run.seed)
     preemption = Preemption()
     run = build_run(cfg, accelerator, plan.per_device, dev_path)
-    state, resumed = resume_or_start(cfg, accelerator, run.model, exp_dir)
+    state, resumed = resume_or_start(cfg, accelerator, run.model, run.upstream, exp_dir)
     log = open_logs(cfg, accelerator, exp_dir, state, mode)
     model, upstream, optimizer, loader = run.model, run.upstream, run.optimizer, run.loader
     finetune = cfg.model.upstream_trainable
@@ -260,8 +261,11 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator, batch_size: int, dev_p
     return Run(upstream, model, optimizer, scheduler, loader, dataset, stats, dev_trials, dev_lengths)
 
 
-def resume_or_start(cfg: TrainConfig, accelerator: Accelerator, model, exp_dir: Path) -> tuple[TrainState, Path | None]:
-    """The loop position: from --resume_ckpt_dir, else the newest usable checkpoint in exp_dir, else step 0.
+def resume_or_start(
+    cfg: TrainConfig, accelerator: Accelerator, model, upstream, exp_dir: Path
+) -> tuple[TrainState, Path | None]:
+    """The loop position: from --resume_ckpt_dir, else the newest usable checkpoint in exp_dir, else step 0 (from
+    --init_from's weights when given).
     The position lives in train_state.json, not registered with Accelerate: its custom_checkpoint_*.pkl would be
     unpickled with weights_only=False on load."""
     if accelerator.is_main_process:
@@ -285,6 +289,13 @@ def resume_or_start(cfg: TrainConfig, accelerator: Accelerator, model, exp_dir: 
         resume = newest[0][1]
     elif resume is not None:
         verify_checkpoint(resume)
+    if resume is None and cfg.run.init_from:
+        what = load_initial_weights(
+            Path(cfg.run.init_from),
+            accelerator.unwrap_model(model),
+            accelerator.unwrap_model(upstream) if cfg.model.upstream_trainable else None,
+        )
+        accelerator.print(f"initialised from {cfg.run.init_from}: {what} (a new optimizer and schedule)")
     if resume is not None:
         check_resumable(load_train_config(resume / "config.yaml"), cfg, resume)
         # The prepared (possibly DDP-wrapped) model's names: what save_state wrote and load_state expects.

@@ -157,11 +157,16 @@ class OptimConfig(_Checked):
     lr: float = 1e-4
     # Weight decay (torch's AdamW default, applied to every trainable tensor as in s3prl).
     weight_decay: float = 0.01
+    # More keyword arguments of the optimizer as YAML, e.g. "{momentum: 0.9, nesterov: true}" for SGD.
+    optimizer_kwargs: str = "{}"
     # torch.optim.lr_scheduler class name, stepped once per optimizer update; empty = constant LR
     # (SUPERB: its ExponentialLR block is never enabled).
     scheduler: str = ""
     # Keyword arguments of the scheduler as YAML, e.g. "{gamma: 0.9999}".
     scheduler_kwargs: str = "{}"
+    # Ramp the learning rate linearly from ~0 over this many updates before --scheduler takes over
+    # (0: none, as SUPERB).
+    warmup_steps: int = 0
     # Clip the global gradient norm to this value.
     gradient_clipping: float = 1000.0
     # Batches whose gradients are summed before each optimizer update (default: what --effective_batch
@@ -183,16 +188,20 @@ class OptimConfig(_Checked):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} {value}: needs a positive count")
-        try:
-            kwargs = yaml.safe_load(self.scheduler_kwargs)
-        except yaml.YAMLError as err:
-            kwargs = err
-        glued = isinstance(kwargs, dict) and any(":" in str(k) and v is None for k, v in kwargs.items())
-        if kwargs is not None and (not isinstance(kwargs, dict) or glued):
-            raise ConfigError(
-                f"--scheduler_kwargs {self.scheduler_kwargs!r} is not a YAML mapping; write it as "
-                '"{name: value, ...}" (a space after each colon)'
-            )
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup_steps {self.warmup_steps}: needs 0 or a positive count")
+        for name in ("optimizer_kwargs", "scheduler_kwargs"):
+            text = getattr(self, name)
+            try:
+                kwargs = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                kwargs = err
+            glued = isinstance(kwargs, dict) and any(":" in str(k) and v is None for k, v in kwargs.items())
+            if kwargs is not None and (not isinstance(kwargs, dict) or glued):
+                raise ConfigError(
+                    f"--{name} {text!r} is not a YAML mapping; write it as "
+                    '"{name: value, ...}" (a space after each colon)'
+                )
 
 
 @dataclass
@@ -215,6 +224,11 @@ class RunConfig(_Checked):
     auto_resume: bool = True
     # Resume from this checkpoint directory instead.
     resume_ckpt_dir: str | None = None
+    # Start from the weights of another run's checkpoint (exp/<run>/step-<N>): featurizer, downstream, loss
+    # head and a fine-tuned upstream; the optimizer, schedule and step start afresh. Staged training
+    # (frozen -> joint fine-tuning -> large-margin fine-tuning: configs/beyond_superb/). Ignored once this
+    # run has its own checkpoints (it resumes from those).
+    init_from: str | None = None
     # Seed for python, numpy, torch, the sampler and the crops.
     seed: int = 0
     # no | fp16 | bf16, for neural upstreams (signal-processing front-ends such as fbank stay fp32).

@@ -30,7 +30,13 @@ def build_optimizer_and_scheduler(optim_cfg, model: torch.nn.Module, upstream: t
             }
         )
     cls = getattr(torch.optim, optim_cfg.optimizer)
-    optimizer = cls(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    extra = yaml.safe_load(optim_cfg.optimizer_kwargs) or {}
+    try:
+        optimizer = cls(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, **extra)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"--optimizer {optim_cfg.optimizer} --optimizer_kwargs {optim_cfg.optimizer_kwargs!r}: {err}"
+        ) from None
     scheduler = None
     if optim_cfg.scheduler:
         if not hasattr(torch.optim.lr_scheduler, optim_cfg.scheduler):
@@ -42,6 +48,14 @@ def build_optimizer_and_scheduler(optim_cfg, model: torch.nn.Module, upstream: t
             raise ConfigError(
                 f"--scheduler {optim_cfg.scheduler} --scheduler_kwargs {optim_cfg.scheduler_kwargs!r}: {err}"
             ) from None
+    if optim_cfg.warmup_steps:
+        # The ramp runs first, then the scheduler from its own start (or a constant rate): each stepped once per
+        # update, as train.py steps the one scheduler it is given.
+        ramp = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=1 / (optim_cfg.warmup_steps + 1), total_iters=optim_cfg.warmup_steps
+        )
+        after = scheduler or torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, after], [optim_cfg.warmup_steps])
     return optimizer, scheduler
 
 

@@ -27,10 +27,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate.utils import load
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from asv.errors import CheckpointError, one_line
 
@@ -209,6 +210,43 @@ def check_weights_match(path: Path, expected: dict, what: str) -> None:
                 f"{path} does not fit {what}: {k} is {got} there, the model needs {need} "
                 "(a checkpoint of another upstream, layer selection or head?)"
             )
+
+
+def load_initial_weights(ckpt: Path, model: torch.nn.Module, upstream: torch.nn.Module | None) -> str:
+    """--init_from: another run's checkpoint `ckpt` (a step-<N>/) as this run's starting point. Its
+    model.safetensors (featurizer, downstream, loss head) must fit `model` name for name and shape for shape; a
+    fine-tuned upstream in its embedder.safetensors (upstream.* tensors: full weights or adapters) goes into
+    `upstream`, whose weights must include every one of those names with the same shape. A mismatch is refused in
+    one line naming the first key. Weights only: the optimizer, the schedule and the loop position start afresh.
+    Returns what was loaded, for the banner."""
+    ckpt = Path(ckpt)
+    verify_checkpoint(ckpt, for_resume=False)
+    path = ckpt / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: --init_from needs a step-<N> directory written by train.py")
+    check_weights_match(path, model.state_dict(), "this model")
+    model.load_state_dict(load_file(str(path)))
+    prefix = "upstream."
+    tuned = {
+        k[len(prefix) :]: v for k, v in load_file(str(ckpt / "embedder.safetensors")).items() if k.startswith(prefix)
+    }
+    if not tuned:
+        return f"{len(model.state_dict())} tensors of the featurizer, downstream and head"
+    if upstream is None:
+        raise CheckpointError(
+            f"{ckpt} holds a fine-tuned upstream, which this run would freeze and never save: pass "
+            "--upstream_trainable true (or the adapter it was trained with), or --init_from a frozen-upstream run"
+        )
+    have = {k: tuple(v.shape) for k, v in upstream.state_dict().items()}
+    for k, v in sorted(tuned.items()):
+        if have.get(k) != tuple(v.shape):
+            got = "absent" if k not in have else f"shape {list(have[k])}"
+            raise CheckpointError(
+                f"{ckpt / 'embedder.safetensors'} does not fit this run's upstream: {prefix}{k} is shape "
+                f"{list(v.shape)} there, {got} here (another upstream, or another adapter setting?)"
+            )
+    upstream.load_state_dict(tuned, strict=False)
+    return f"{len(model.state_dict())} tensors of the featurizer, downstream and head, {len(tuned)} of the upstream"
 
 
 def list_checkpoints(exp_dir: Path) -> list[tuple[int, Path]]:

@@ -160,3 +160,28 @@ def test_optimizer_choices_are_torch_optimizers_the_loop_can_step():
         assert issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer, name
     with pytest.raises((ConfigError, SystemExit), match="LBFGS"):  # it needs a closure at every step: not offered
         parse(TrainConfig, ["--optimizer", "LBFGS"])
+
+
+def test_optimizer_keywords_and_warmup_ramp_then_the_scheduler():
+    import torch
+
+    from asv.optim import build_optimizer_and_scheduler
+
+    cfg, _ = parse(
+        TrainConfig,
+        ["--optimizer", "SGD", "--optimizer_kwargs", "{momentum: 0.9, nesterov: true}", "--lr", "0.1"]
+        + ["--warmup_steps", "3", "--scheduler", "ExponentialLR", "--scheduler_kwargs", "{gamma: 0.5}"],
+    )
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg.optim, torch.nn.Linear(2, 2), None)
+    assert (optimizer.defaults["momentum"], optimizer.defaults["nesterov"]) == (0.9, True)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # lr x k/4 for k = 1..4 over the ramp, then halved at each update from the full rate.
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.05, 0.025], rel=1e-12)
+    with pytest.raises(ConfigError, match="--optimizer_kwargs"):
+        build_optimizer_and_scheduler(
+            parse(TrainConfig, ["--optimizer_kwargs", "{momentum: 0.9}"])[0].optim, torch.nn.Linear(2, 2), None
+        )
