@@ -2,6 +2,7 @@
 
     python prepare.py                                    # generate + prepare the embedded demo corpus
     python prepare.py --dataset voxceleb1 --dataset_root /data/VoxCeleb1
+    python prepare.py --dataset voxceleb2 --dataset_root /data/VoxCeleb2 --voxceleb1_root /data/VoxCeleb1
     python prepare.py --dataset manifest --train_csv my_train.csv --trials my_trials.txt
 
 Writes --out_dir (default data/<dataset>): train.csv, speakers.json, vad.json, trials/<name>.csv, bad_files.txt
@@ -9,8 +10,9 @@ and prepare.json (formats in asv/manifest.py and the README). Defaults are SUPER
 trains and every trial of every list is kept as listed; `--dev_speakers 0.05` opts into held-out model
 selection, which changes the training set. Every training and trial file is decoded once: unusable ones are
 listed, not fatal. A second run with the same settings (--num_workers aside) reuses what is there; --force redoes
-it. Decoding uses every core this process may run on unless --num_workers says otherwise; the last line gives the
-files/s it reached.
+it. VoxCeleb2's .m4a are first converted once to FLAC (--decoded_dir): a rerun converts only what is missing, so
+an interrupted run resumes (--force keeps the converted files). Decoding uses every core this process may run on
+unless --num_workers says otherwise; the last line gives the files/s it reached.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from asv.corpora import (
     audio_report,
     corpus_version,
     hold_out_dev,
+    prepared_dir,
     probe_all,
     worker_count,
+    workers_phrase,
 )
 from asv.errors import AsvError, ManifestError, describe
 from asv.manifest import TRAIN_FIELDS, TRIAL_FIELDS, Utterance, repeated_pairs, speaker_map, write_csv
@@ -43,10 +47,15 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         cfg, _ = parse(PrepareConfig, argv)
         t0 = time.time()
-        out = Path(cfg.out_dir or f"data/{cfg.dataset}")
+        out = prepared_dir(cfg)
         if already_prepared(out, cfg):
             return out
         corpus = CORPORA[cfg.dataset](cfg)
+        if not corpus.train and corpus.bad:
+            first = next(iter(corpus.bad.values()))
+            raise ManifestError(
+                f"none of the {len(corpus.bad)} training files could be converted (first: {first.detail})"
+            )
         if not corpus.train:
             raise ManifestError("no training utterances found (every speaker appears in a trial list?)")
         held_out = hold_out_dev(corpus, cfg.dev_speakers, cfg.dev_utts_per_speaker, cfg.dev_trials, cfg.seed)
@@ -67,6 +76,7 @@ def main(argv: list[str] | None = None) -> Path:
         # The rate the decoding reached, worker start-up included: what --num_workers buys on this machine.
         decoded, decode_s = len(train_probes) + len(trial_paths), time.monotonic() - t_decode
         probes.update((p, r) for (_, p, _), r in zip(corpus.train, train_probes, strict=True))
+        probes.update(corpus.bad)  # sources that never became a file to decode (an undecodable .m4a)
         report, audio_counts = audio_report(probes)
         out.mkdir(parents=True, exist_ok=True)
         # path<TAB>reason<TAB>detail, one line per unusable file (empty when all are fine).
@@ -116,11 +126,13 @@ def main(argv: list[str] | None = None) -> Path:
                 "files_per_s": round(decoded / decode_s, 1),
             },
         }
+        if corpus.conversion:
+            summary["conversion"] = corpus.conversion
         record = {"config": asdict(cfg), "corpus_version": corpus_version(cfg.dataset), "summary": summary}
         (out / "prepare.json").write_text(json.dumps(record, indent=1))
         print_summary(summary)
         d = summary["decode"]
-        pool = f"{d['workers']} worker processes" if d["workers"] > 1 else "no worker processes"
+        pool = workers_phrase(d["workers"])
         print(f"decoded {d['files']} files in {d['seconds']:.1f} s with {pool}: {d['files_per_s']:.1f} files/s")
         return out
     except AsvError as err:  # the library explains in one line; the script exits with it
@@ -133,8 +145,10 @@ def already_prepared(out: Path, cfg: PrepareConfig) -> bool:
     if not marker.is_file() or cfg.force:
         return False
     previous = json.loads(marker.read_text())
+    # A setting added since that run is absent from its record; it ran as that setting's default does.
+    recorded = {**asdict(PrepareConfig()), **previous["config"]}
     same = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS} == {
-        k: v for k, v in previous["config"].items() if k not in RUN_ONLY_FIELDS
+        k: v for k, v in recorded.items() if k not in RUN_ONLY_FIELDS
     }
     if same and previous.get("corpus_version") == corpus_version(cfg.dataset):
         print(f"{out} is already prepared (prepare.json matches; --force redoes it)")

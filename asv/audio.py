@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 
 from asv.conventions import SAMPLE_RATE
-from asv.errors import BadAudioError
+from asv.errors import BadAudioError, ConfigError
 
 # sox works on int32 samples; torchaudio's apply_effects_tensor maps float x to trunc(x * 2**31).
 _SOX_SCALE = 2.0**31
@@ -88,6 +88,48 @@ def resample(wav: np.ndarray, sr: int) -> np.ndarray:
     import torchaudio.functional as AF
 
     return AF.resample(torch.from_numpy(np.ascontiguousarray(wav)), sr, SAMPLE_RATE).numpy()
+
+
+def pyav():
+    """The PyAV module, or a ConfigError saying how to install it (only compressed corpora such as VoxCeleb2's
+    .m4a need it, so it is imported on first use, not with the package)."""
+    try:
+        import av
+    except ImportError:
+        raise ConfigError(
+            "decoding .m4a (AAC) audio needs PyAV, which is not installed: pip install av (requirements.txt pins it)"
+        ) from None
+    return av
+
+
+def decode_with_pyav(path: str | Path) -> np.ndarray:
+    """Read a file libsndfile cannot (AAC in .m4a: VoxCeleb2) through FFmpeg as float32 mono 16 kHz, downmixed
+    and resampled as load_audio does; raise BadAudioError for a file that gives no usable audio."""
+    av = pyav()
+    path = Path(path)
+    if not path.is_file():
+        raise BadAudioError(path, "missing")
+    if path.stat().st_size == 0:
+        raise BadAudioError(path, "empty file")
+    chunks, sr = [], SAMPLE_RATE
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise BadAudioError(path, "no audio stream")
+            stream = container.streams.audio[0]
+            # Only the sample format changes here (to planar float, FFmpeg's own AAC output): the channel mean and
+            # the resampler stay ours, so a decoded file matches what load_audio makes of any other container.
+            to_float = av.AudioResampler(format="fltp")
+            for frame in container.decode(stream):
+                sr = frame.sample_rate
+                chunks += [f.to_ndarray() for f in to_float.resample(frame)]  # each (C, n)
+            chunks += [f.to_ndarray() for f in to_float.resample(None)]
+    except av.FFmpegError as err:
+        raise BadAudioError(path, "undecodable audio", str(err).splitlines()[0][:200]) from None
+    if not chunks or not sum(c.shape[1] for c in chunks):
+        raise BadAudioError(path, "no samples")
+    wav = _finite_mono(path, np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False))  # (T,)
+    return resample(wav, sr) if sr != SAMPLE_RATE else wav
 
 
 def apply_gain(wav: np.ndarray, db: float) -> np.ndarray:

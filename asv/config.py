@@ -32,9 +32,9 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 # The names --downstream, --loss and --dataset accept. Settings import no runtime code, so the registries that
 # map each name to its constructor (asv.models.DOWNSTREAMS, asv.losses.LOSSES, asv.corpora.CORPORA) are built with
 # `registry`, which refuses at import a registry whose names differ from these.
-DOWNSTREAM_NAMES = ("xvector", "ecapa")
+DOWNSTREAM_NAMES = ("xvector", "ecapa", "mhfa")
 LOSS_NAMES = ("amsoftmax", "aamsoftmax", "subcenter_aam", "softmax")
-CORPUS_NAMES = ("demo", "voxceleb1", "manifest")
+CORPUS_NAMES = ("demo", "voxceleb1", "voxceleb2", "manifest")
 
 
 def registry(names: tuple[str, ...], entries: dict) -> dict:
@@ -109,9 +109,10 @@ class ModelConfig(_Checked):
     layer_selections: list[int] | None = None
     # Layer-normalise hidden states before the weighted sum (Featurizer `normalize`; SUPERB: off).
     featurizer_normalize: bool = False
-    # Downstream model by name (registry asv.models.DOWNSTREAMS): xvector (SUPERB) | ecapa (ECAPA-TDNN).
+    # Downstream model by name (registry asv.models.DOWNSTREAMS): xvector (SUPERB) | ecapa (ECAPA-TDNN) | mhfa
+    # (multi-head factorized attentive pooling over two layer weightings of the hidden states, Peng et al. 2022).
     downstream: str = choice(*DOWNSTREAM_NAMES, default="xvector")
-    # Speaker embedding size (ECAPA-TDNN papers use 192).
+    # Speaker embedding size (used by: xvector, ecapa; ECAPA-TDNN papers use 192; mhfa's is --mhfa_embed_dim).
     embed_dim: int = 512
     # Width of the projector, the TDNN stack's input (used by: xvector).
     hidden_size: int = 512
@@ -125,6 +126,23 @@ class ModelConfig(_Checked):
     batch_norm: bool = False
     # Channels C of the SE-Res2Blocks (used by: ecapa; the paper's 512 and 1024).
     ecapa_channels: int = 512
+    # Attention heads, each pooling the compressed values with its own weights over frames (used by: mhfa; the
+    # paper's and BUT's WeSpeaker recipe's 64).
+    mhfa_heads: int = 64
+    # Size keys and values are compressed to before attention and pooling (used by: mhfa; the paper's 128).
+    mhfa_compression_dim: int = 128
+    # Speaker embedding size (used by: mhfa; the paper's and BUT's WeSpeaker recipe's 256).
+    mhfa_embed_dim: int = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        # mhfa has its own size field (its default differs from the x-vector's, and simple-parsing takes every
+        # default from one default instance, so no default can depend on --downstream): a changed --embed_dim
+        # with mhfa would silently do nothing.
+        if self.downstream == "mhfa" and self.embed_dim != type(self).embed_dim:
+            raise ConfigError(
+                f"--embed_dim {self.embed_dim} sizes the xvector and ecapa embeddings; mhfa's is --mhfa_embed_dim"
+            )
 
 
 @dataclass
@@ -288,13 +306,22 @@ class TrainConfig(_Checked):
 class PrepareConfig(_Checked):
     """prepare.py: build train.csv, speakers.json, vad.json and trials/*.csv."""
 
-    # demo (generated here) | voxceleb1 (official layout) | manifest (any corpus, from your CSV).
+    # demo (generated here) | voxceleb1 (official layout) | voxceleb2 (dev .m4a, tested on VoxCeleb1) |
+    # manifest (any corpus, from your CSV).
     dataset: str = choice(*CORPUS_NAMES, default="demo")
-    # Corpus root: voxceleb1 reads DIR/dev/wav and DIR/test/wav; demo generates the corpus there
-    # (default data/demo_corpus); manifest resolves relative trial paths against it.
+    # Corpus root: voxceleb1 reads DIR/dev/wav and DIR/test/wav; voxceleb2 reads DIR/dev/aac (or DIR/aac);
+    # demo generates the corpus there (default data/demo_corpus); manifest resolves relative trial paths against it.
     dataset_root: str | None = None
+    # voxceleb2: the VoxCeleb1 root (DIR/test/wav and DIR/dev/wav, or DIR/wav): all of VoxCeleb1 is the test set
+    # of a VoxCeleb2-trained model, scored with the cleaned Vox1-O/E/H lists.
+    voxceleb1_root: str | None = None
+    # voxceleb2: where the .m4a files are decoded once to 16 kHz mono FLAC (default <out_dir>/decoded;
+    # 130-175 GB for VoxCeleb2-dev). Files already there are reused, so an interrupted prepare.py resumes.
+    decoded_dir: str | None = None
     # Trial lists in VoxCeleb format ('<1|0> <utt1> <utt2>'). voxceleb1 default: voxceleb1_test_v2.txt
-    # (SUPERB, 37,720 trials) and veri_test2.txt (cleaned Vox1-O, 37,611), from DIR, the cache or the web.
+    # (SUPERB, 37,720 trials) and veri_test2.txt (cleaned Vox1-O, 37,611); voxceleb2 default: the cleaned
+    # veri_test2.txt, list_test_all2.txt and list_test_hard2.txt as voxceleb1_{o,e,h}_clean; each from the
+    # corpus root, the cache or the web.
     trials: list[str] | None = None
     # manifest only: CSV with columns wav_path,spk (and optionally id) listing the training utterances.
     train_csv: str | None = None
@@ -307,7 +334,7 @@ class PrepareConfig(_Checked):
     # Processes decoding the audio (lengths, VAD, unusable files) and generating the demo corpus (default: the
     # cores this process may run on, os.sched_getaffinity; saved as given, so prepare.json fits any machine).
     num_workers: int | None = None
-    # Redo everything even if the outputs exist.
+    # Redo everything even if the outputs exist (decoded VoxCeleb2 audio is kept: delete --decoded_dir to redo it).
     force: bool = False
     # Opt-in honest model selection, which CHANGES THE TRAINING SET: hold this many training speakers out
     # (a fraction if < 1, else a count) to form trials/dev.csv, on which train.py logs dev/eer and evaluate.py

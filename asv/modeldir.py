@@ -95,6 +95,7 @@ def export_model(
         calibration.save(tmp / "calibration.json")
     (tmp / "results.json").write_text(json.dumps(results, indent=1))
     up = cfg.model
+    embedder = Embedder(ckpt, "cpu", upstream_cache)
     meta = {
         "format_version": FORMAT_VERSION,
         "library": "superb-asv",
@@ -106,11 +107,11 @@ def export_model(
             "normalize": up.upstream_normalize,
             "fine_tuned": up.upstream_trainable,
         },
-        "embedding": {"downstream": up.downstream, "dim": up.embed_dim, "scoring": SCORING},
+        "embedding": {"downstream": up.downstream, "dim": embedder.embed_dim, "scoring": SCORING},
         "audio": {
             "sample_rate": 16000,
             "test_effects": cfg.data.test_effects,
-            "min_samples": Embedder(ckpt, "cpu", upstream_cache).min_samples,
+            "min_samples": embedder.min_samples,
         },
         "threshold": threshold,
         "source": {
@@ -267,7 +268,7 @@ def model_card(meta: dict, cfg: TrainConfig, results: dict, training: dict, cali
         + (f" (checkpoint `{Path(up['ckpt']).name}`)" if up["ckpt"] else "")
         + (", fine-tuned (weights included)" if up["fine_tuned"] else ", frozen (named, not included)"),
         f"- Featurizer: softmax-weighted sum of {layers}" + (", layer-normalised" if m.featurizer_normalize else ""),
-        f"- Downstream: `{m.downstream}`, {m.embed_dim}-dimensional embeddings",
+        f"- Downstream: `{m.downstream}`, {meta['embedding']['dim']}-dimensional embeddings",
         f"- Loss: `{loss.loss}` (margin {loss.margin}, scale {loss.scale})",
         f"- Training: {src['step']} optimizer updates, {cfg.optim.optimizer} lr {cfg.optim.lr}, "
         f"{_batch(cfg, results)}, crops of at most {cfg.data.max_secs} s",

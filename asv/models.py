@@ -1,4 +1,4 @@
-"""Trainable part of the recipe: featurizer (layer weighted sum) -> downstream (x-vector or ECAPA-TDNN) -> loss head."""
+"""Trainable part of the recipe: featurizer (layer weighted sums) -> downstream (xvector, ecapa, mhfa) -> loss head."""
 
 from __future__ import annotations
 
@@ -229,6 +229,47 @@ class EcapaTdnn(nn.Module):
         return self.bn_embed(self.fc(self.bn_pool(self.pool(h, mask))))
 
 
+class MHFA(nn.Module):
+    """Multi-head factorized attentive pooling (Peng et al., "An attention-based backend allowing efficient
+    fine-tuning of transformer models for speaker verification", SLT 2022, arXiv 2210.01273), the backend of BUT's
+    WeSpeaker SSL recipe: (B, 2, T, D) keys and values, (B,) lengths -> (B, E).
+
+    Keys and values are the featurizer's two softmax layer weightings of the upstream's hidden states
+    (`layer_weightings` below: the paper's w_k and w_v, as `featurizer.weights` rows 0 and 1). Each is compressed
+    by a Linear to `compression_dim`; a Linear maps every compressed key frame to one score per head, a softmax over
+    the utterance's own frames makes each head's scores pooling weights, each head pools the compressed values with
+    them, and the heads' pooled vectors, concatenated, are projected to the embedding. The module names are
+    WeSpeaker's (`cmp_linear_k`, `cmp_linear_v`, `att_head`, `pooling_fc`; its `weights_k` and `weights_v` are the
+    featurizer's rows), so its MHFA weights map over by name.
+
+    Padded frames get zero weight, and there is no BatchNorm or dropout: training and evaluation compute the
+    same function, and an embedding does not depend on its batch.
+    """
+
+    # The featurizer gives this downstream two weighted sums of the hidden states, keys and values, in place of
+    # SUPERB's one (build_speaker_model reads it; a downstream without it reads one).
+    layer_weightings = 2
+
+    def __init__(self, input_size: int, output_size: int = 256, heads: int = 64, compression_dim: int = 128):
+        super().__init__()
+        self.output_size = output_size
+        self.cmp_linear_k = nn.Linear(input_size, compression_dim)
+        self.cmp_linear_v = nn.Linear(input_size, compression_dim)
+        self.att_head = nn.Linear(compression_dim, heads)
+        self.pooling_fc = nn.Linear(heads * compression_dim, output_size)
+
+    def forward(self, x: torch.Tensor, x_len: torch.Tensor) -> torch.Tensor:  # (B, 2, T, D) -> (B, E)
+        keys, values = x.unbind(1)
+        padded = (torch.arange(x.size(2), device=x.device)[None, :] >= x_len[:, None]).unsqueeze(-1)  # (B, T, 1)
+        scores = self.att_head(self.cmp_linear_k(keys)).masked_fill(padded, float("-inf"))  # (B, T, H)
+        weights = F.softmax(scores, dim=1)  # over frames, per head
+        # A padded frame's weight is exactly 0, but 0 times a non-finite value is not 0, and batch-exact upstream
+        # forwards leave padded frames unspecified: the values there are zeroed too.
+        values = self.cmp_linear_v(values).masked_fill(padded, 0.0)  # (B, T, C)
+        pooled = weights.transpose(1, 2) @ values  # (B, H, C)
+        return self.pooling_fc(pooled.flatten(1))
+
+
 # name -> constructor from the featurizer's output size and the model config section (asv.config.ModelConfig).
 DOWNSTREAMS = registry(
     DOWNSTREAM_NAMES,
@@ -237,8 +278,19 @@ DOWNSTREAMS = registry(
             d, m.embed_dim, m.hidden_size, m.aggregation_size, m.dropout_p, m.batch_norm, m.tdnn_size
         ),
         "ecapa": lambda d, m: EcapaTdnn(d, m.embed_dim, channels=m.ecapa_channels),
+        "mhfa": lambda d, m: MHFA(d, m.mhfa_embed_dim, m.mhfa_heads, m.mhfa_compression_dim),
     },
 )
+
+
+def _common_size_and_stride(upstream) -> tuple[int, int]:
+    """The size and stride all the upstream's hidden states share: what a layer-weighted sum needs."""
+    if len(set(upstream.hidden_sizes)) != 1 or len(set(upstream.downsample_rates)) != 1:
+        raise UpstreamError(
+            f"the upstream's hidden states differ in size ({sorted(set(upstream.hidden_sizes))}) or stride "
+            f"({sorted(set(upstream.downsample_rates))}): the layer-weighted sum needs them equal"
+        )
+    return upstream.hidden_sizes[0], upstream.downsample_rates[0]
 
 
 class Featurizer(nn.Module):
@@ -252,17 +304,18 @@ class Featurizer(nn.Module):
     backward). Stacking copies the states into an ordinary tensor, so inference-mode states from a frozen
     upstream need no clone first (asv.forward.training_features). A single selected state also works (s3prl
     asserts there); a single-state upstream passes through unchanged.
+
+    `weightings` > 1 gives that many independent weighted sums of the same states, side by side (B, weightings,
+    T, D), `weights` then (weightings, layers): MHFA's keys and values. The one product becomes a matrix product,
+    and a single-state upstream's state is repeated.
     """
 
-    def __init__(self, upstream, layer_selections: list[int] | None = None, normalize: bool = False):
+    def __init__(
+        self, upstream, layer_selections: list[int] | None = None, normalize: bool = False, weightings: int = 1
+    ):
         super().__init__()
-        if len(set(upstream.hidden_sizes)) != 1 or len(set(upstream.downsample_rates)) != 1:
-            raise UpstreamError(
-                f"the upstream's hidden states differ in size ({sorted(set(upstream.hidden_sizes))}) or stride "
-                f"({sorted(set(upstream.downsample_rates))}): the layer-weighted sum needs them equal"
-            )
-        self._output_size, self._downsample_rate = upstream.hidden_sizes[0], upstream.downsample_rates[0]
-        self.normalize = normalize
+        self._output_size, self._downsample_rate = _common_size_and_stride(upstream)
+        self.normalize, self.weightings = normalize, weightings
         if upstream.num_layers > 1:
             selections = sorted(layer_selections) if layer_selections is not None else range(upstream.num_layers)
             self.layer_selections = list(selections)
@@ -273,7 +326,9 @@ class Featurizer(nn.Module):
                     f"--layer_selections {layer_selections}: the upstream has {upstream.num_layers} hidden states; "
                     f"pick indices from 0 to {upstream.num_layers - 1}"
                 )
-            self.weights = nn.Parameter(torch.zeros(len(self.layer_selections)))
+            layers = len(self.layer_selections)
+            # One weighting keeps s3prl's (layers,) parameter, so SUPERB checkpoints load unchanged.
+            self.weights = nn.Parameter(torch.zeros(layers) if weightings == 1 else torch.zeros(weightings, layers))
 
     @property
     def output_size(self) -> int:
@@ -285,14 +340,17 @@ class Featurizer(nn.Module):
 
     def forward(self, all_hs: list[torch.Tensor], all_lens: list[torch.Tensor]):
         if len(all_hs) == 1:
-            return all_hs[0], all_lens[0]
+            h = all_hs[0]
+            return (h if self.weightings == 1 else h.unsqueeze(1).expand(-1, self.weightings, -1, -1)), all_lens[0]
         stacked = torch.stack([all_hs[i] for i in self.layer_selections])  # (L, B, T, D)
         if self.normalize:
             stacked = F.layer_norm(stacked, stacked.shape[-1:])
         # In fp32 even under autocast: s3prl's fp32 weights times bf16/fp16 states promote to fp32 too.
         with torch.autocast(stacked.device.type, enabled=False):
-            w = F.softmax(self.weights.float(), dim=-1)
-            mixed = (w @ stacked.float().flatten(1)).view(stacked.shape[1:])  # (B, T, D)
+            w = F.softmax(self.weights.float(), dim=-1)  # (L,) or (weightings, L)
+            mixed = (w @ stacked.float().flatten(1)).view(*w.shape[:-1], *stacked.shape[1:])
+        if self.weightings > 1:
+            mixed = mixed.transpose(0, 1)  # (weightings, B, T, D) -> (B, weightings, T, D)
         return mixed, all_lens[self.layer_selections[0]]
 
 
@@ -308,16 +366,18 @@ class SpeakerModel(nn.Module):
         self.featurizer, self.downstream, self.head = featurizer, downstream, head
 
     def embed(self, hidden_states: list[torch.Tensor], hidden_lens: list[torch.Tensor]) -> torch.Tensor:
-        h, h_len = self.featurizer(hidden_states, hidden_lens)  # (B, T, D)
+        h, h_len = self.featurizer(hidden_states, hidden_lens)  # (B, T, D); MHFA's keys and values (B, 2, T, D)
         return self.downstream(h, h_len)  # (B, E)
 
     def forward(self, hidden_states, hidden_lens, labels: torch.Tensor):
         return self.head(self.embed(hidden_states, hidden_lens), labels)
 
     def layer_weights(self) -> torch.Tensor | None:
-        """Softmax-normalised featurizer weights, or None for a single-layer upstream."""
+        """Softmax-normalised featurizer weights, or None for a single-layer upstream. Of several weightings, the
+        last: MHFA's values, the layers whose content is pooled into the embedding (its keys' weighting only decides
+        which frames are pooled)."""
         w = getattr(self.featurizer, "weights", None)
-        return None if w is None else F.softmax(w.detach().float(), dim=-1)
+        return None if w is None else F.softmax(w.detach().float(), dim=-1).view(-1, w.shape[-1])[-1]
 
     def embedder_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
@@ -325,11 +385,15 @@ class SpeakerModel(nn.Module):
 
 def build_speaker_model(model_cfg, loss_cfg, upstream, num_classes: int) -> SpeakerModel:
     """Featurizer + downstream + head for `upstream`, from the model and loss config sections."""
-    featurizer = Featurizer(
-        upstream, layer_selections=model_cfg.layer_selections, normalize=model_cfg.featurizer_normalize
-    )
     if model_cfg.downstream not in DOWNSTREAMS:
         raise ValueError(f"unknown downstream '{model_cfg.downstream}'; choose one of: {', '.join(DOWNSTREAMS)}")
-    downstream = DOWNSTREAMS[model_cfg.downstream](featurizer.output_size, model_cfg)
-    head = build_loss(loss_cfg, model_cfg.embed_dim, num_classes)
+    # The downstream first: it says how many weighted sums the featurizer gives it (MHFA: keys and values).
+    downstream = DOWNSTREAMS[model_cfg.downstream](_common_size_and_stride(upstream)[0], model_cfg)
+    featurizer = Featurizer(
+        upstream,
+        layer_selections=model_cfg.layer_selections,
+        normalize=model_cfg.featurizer_normalize,
+        weightings=getattr(downstream, "layer_weightings", 1),
+    )
+    head = build_loss(loss_cfg, downstream.output_size, num_classes)
     return SpeakerModel(featurizer, downstream, head)

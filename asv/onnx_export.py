@@ -99,13 +99,18 @@ class OnnxGraph(torch.nn.Module):
         f = self.featurizer
         if len(states) == 1:
             x = states[0]
+            if f.weightings > 1:
+                x = x.unsqueeze(1).expand(-1, f.weightings, -1, -1)
         else:  # Featurizer._weighted_sum, without its no-op (and untraceable) allclose check
             stacked = torch.stack([states[i] for i in f.layer_selections], dim=0)
             if f.normalize:
                 stacked = F.layer_norm(stacked, (stacked.shape[-1],))
             layers, *shape = stacked.shape
+            # (layers, 1), or (weightings, layers, 1) for MHFA's keys and values: each weighting's sum over layers.
             weights = F.softmax(f.weights, dim=-1).unsqueeze(-1)
-            x = (weights * stacked.reshape(layers, -1)).sum(dim=0).view(*shape)
+            x = (weights * stacked.reshape(layers, -1)).sum(dim=-2).view(*weights.shape[:-2], *shape)
+            if f.weightings > 1:
+                x = x.transpose(0, 1)  # (weightings, 1, T, D) -> (1, weightings, T, D), as the Featurizer gives
         return self.downstream(x, length)
 
 
