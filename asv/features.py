@@ -106,7 +106,11 @@ def dump_features(
             writer.writerows(rows)
         weights = embedder.model.layer_weights()
         meta = {
-            "what": "all upstream hidden states (L, T, D)" if all_layers else "featurizer weighted sum (T, D)",
+            "what": "all upstream hidden states (L, T, D)"
+            if all_layers
+            else "featurizer weighted sum (T, D)"
+            if featurizer.weightings == 1
+            else f"featurizer's {featurizer.weightings} weighted sums ({featurizer.weightings}, T, D)",
             "upstream": embedder.cfg.model.upstream,
             "frame_stride_samples": featurizer.downsample_rate,
             "dim": featurizer.output_size,

@@ -250,6 +250,7 @@ def model_card(meta: dict, cfg: TrainConfig, results: dict, training: dict, cali
     """README.md of the model directory (a Hugging Face model card): what it is, how it was trained and
     selected, what it scores, and how to use it."""
     m, loss, src = cfg.model, cfg.loss, meta["source"]
+    mixing = "two softmax-weighted sums (keys, values)" if m.downstream == "mhfa" else "softmax-weighted sum"
     up = meta["upstream"]
     layers = "all hidden states" if m.layer_selections is None else f"hidden states {m.layer_selections}"
     lines = [
@@ -267,7 +268,7 @@ def model_card(meta: dict, cfg: TrainConfig, results: dict, training: dict, cali
         f"- Upstream: `{m.upstream}`"
         + (f" (checkpoint `{Path(up['ckpt']).name}`)" if up["ckpt"] else "")
         + (", fine-tuned (weights included)" if up["fine_tuned"] else ", frozen (named, not included)"),
-        f"- Featurizer: softmax-weighted sum of {layers}" + (", layer-normalised" if m.featurizer_normalize else ""),
+        f"- Featurizer: {mixing} of {layers}" + (", layer-normalised" if m.featurizer_normalize else ""),
         f"- Downstream: `{m.downstream}`, {meta['embedding']['dim']}-dimensional embeddings",
         f"- Loss: `{loss.loss}` (margin {loss.margin}, scale {loss.scale})",
         f"- Training: {src['step']} optimizer updates, {cfg.optim.optimizer} lr {cfg.optim.lr}, "
