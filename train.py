@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 
+from asv.adapters import add_adapters, describe_adapters, keep_adapters_only, tuned_state_dict
 from asv.augment import build_augmenter
 from asv.config import TrainConfig, load_train_config, parse, save_config, to_dict
 from asv.datasets import EpochSampler, TrainDataset, collate_train, load_train_set
@@ -51,7 +52,12 @@ from asv.rundir import (
 )
 from asv.tracking import JsonLog, start_tracking, wandb_mode
 from asv.training import Preemption, RunningStats, Trainee, dev_eer, train_step, unreadable_files
-from asv.upstream import build_upstream, disable_layerdrop, enable_gradient_checkpointing, list_upstreams
+from asv.upstream import (
+    build_upstream,
+    disable_layerdrop,
+    enable_gradient_checkpointing,
+    list_upstreams,
+)
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -106,7 +112,7 @@ def train(cfg: TrainConfig) -> Path:
     state, resumed = resume_or_start(cfg, accelerator, run.model, run.upstream, exp_dir)
     log = open_logs(cfg, accelerator, exp_dir, state, mode)
     model, upstream, optimizer, loader = run.model, run.upstream, run.optimizer, run.loader
-    finetune = cfg.model.upstream_trainable
+    finetune = cfg.model.tunes_upstream
     trainee = Trainee(model, upstream, optimizer, run.scheduler, finetune, cfg.run.upstream_precision, plan.accumulate)
     print_banner(cfg, accelerator, run, plan, state, resumed)
     state.effective_batch = plan.effective
@@ -226,8 +232,11 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator, batch_size: int, dev_p
     upstream = build_upstream(cfg.model.upstream, cfg.model.upstream_ckpt, cfg.model.upstream_normalize)
     augment = build_augmenter(cfg.data)  # None unless an augmentation flag is set
     upstream.to(accelerator.device)
-    finetune = cfg.model.upstream_trainable
-    upstream.requires_grad_(finetune)
+    finetune = cfg.model.tunes_upstream
+    upstream.requires_grad_(cfg.model.upstream_trainable)  # with adapters, they alone train
+    if cfg.model.upstream_adapter != "none":
+        add_adapters(upstream, cfg.model, check_reached=True)
+        accelerator.print(describe_adapters(upstream, cfg.model))
     if finetune:
         disable_layerdrop(upstream)
         if cfg.run.gradient_checkpointing:
@@ -252,6 +261,8 @@ def build_run(cfg: TrainConfig, accelerator: Accelerator, batch_size: int, dev_p
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader, device_placement=[True, True, False])
     if finetune:  # a frozen upstream stays outside DDP and outside the checkpoints
         upstream = accelerator.prepare(upstream)
+        if cfg.model.upstream_adapter != "none":
+            keep_adapters_only(accelerator, upstream)  # and so does an adapted one's frozen base
     if scheduler is not None:
         scheduler = accelerator.prepare(scheduler)
     dev_trials = read_trials_csv(dev_path) if cfg.run.eval_dev and dev_path.is_file() else None
@@ -293,7 +304,7 @@ def resume_or_start(
         what = load_initial_weights(
             Path(cfg.run.init_from),
             accelerator.unwrap_model(model),
-            accelerator.unwrap_model(upstream) if cfg.model.upstream_trainable else None,
+            accelerator.unwrap_model(upstream) if cfg.model.tunes_upstream else None,
         )
         accelerator.print(f"initialised from {cfg.run.init_from}: {what} (a new optimizer and schedule)")
     if resume is not None:
@@ -335,10 +346,12 @@ def print_banner(cfg: TrainConfig, accelerator: Accelerator, run: Run, plan: Bat
 
 
 def embedder_weights(accelerator: Accelerator, model, finetuned_upstream) -> dict[str, torch.Tensor]:
-    """What evaluation loads: featurizer + downstream, and a fine-tuned upstream (a frozen one is never copied)."""
+    """What evaluation loads: featurizer + downstream, and a fine-tuned upstream or its adapters (a frozen upstream,
+    an adapted one's base included, is never copied)."""
     weights = accelerator.unwrap_model(model).embedder_state_dict()
     if finetuned_upstream is not None:
-        weights |= {f"upstream.{k}": v for k, v in accelerator.unwrap_model(finetuned_upstream).state_dict().items()}
+        tuned = tuned_state_dict(accelerator.unwrap_model(finetuned_upstream))
+        weights |= {f"upstream.{k}": v for k, v in tuned.items()}
     return weights
 
 

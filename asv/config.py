@@ -35,6 +35,8 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 DOWNSTREAM_NAMES = ("xvector", "ecapa", "mhfa")
 LOSS_NAMES = ("amsoftmax", "aamsoftmax", "subcenter_aam", "softmax")
 CORPUS_NAMES = ("demo", "voxceleb1", "voxceleb2", "manifest")
+# The names --upstream_adapter accepts (asv/adapters.py builds them).
+UPSTREAM_ADAPTERS = ("none", "lora")
 
 
 def registry(names: tuple[str, ...], entries: dict) -> dict:
@@ -103,6 +105,21 @@ class ModelConfig(_Checked):
     # Fine-tune the upstream too (SUPERB: frozen). It then trains in train mode at --lr and its
     # weights are saved in every checkpoint.
     upstream_trainable: bool = False
+    # Parameter-efficient fine-tuning of the upstream with peft: none (SUPERB: frozen, or all of it with
+    # --upstream_trainable) | lora (low-rank adapters on its Linear layers train at --upstream_lr, in train mode
+    # with layerdrop off, and are saved in every checkpoint; its own weights stay frozen and are not copied).
+    upstream_adapter: str = choice(*UPSTREAM_ADAPTERS, default="none")
+    # Rank r of each adapter (used by: lora; peft's default).
+    lora_rank: int = 8
+    # The adapters' update is scaled by lora_alpha / lora_rank (used by: lora; peft's default, a scale of 1).
+    lora_alpha: float = 8.0
+    # Dropout on each adapter's input (used by: lora; peft's default). s3prl's wav2vec 2.0 / HuBERT / WavLM attention
+    # never passes its input through q/k/v/out_proj, so it needs 0 when those are targets.
+    lora_dropout: float = 0.0
+    # Linear layers that get adapters, by name or name ending (used by: lora). Default per upstream family, every
+    # Linear layer of each transformer layer: q_proj k_proj v_proj out_proj fc1 fc2 for s3prl's wav2vec 2.0 /
+    # HuBERT / WavLM; q_proj k_proj v_proj out_proj intermediate_dense output_dense for hf_wav2vec2 / hf_hubert.
+    lora_target_modules: list[str] | None = None
     # Layer-normalise each upstream hidden state (S3PRLUpstream `normalize`).
     upstream_normalize: bool = False
     # 0-based hidden states to mix (default: all of them).
@@ -134,8 +151,28 @@ class ModelConfig(_Checked):
     # Speaker embedding size (used by: mhfa; the paper's and BUT's WeSpeaker recipe's 256).
     mhfa_embed_dim: int = 256
 
+    @property
+    def tunes_upstream(self) -> bool:
+        """Whether the upstream trains (all of it, or its adapters): it then runs with autograd in train mode, and
+        what trains of it is saved in every checkpoint."""
+        return self.upstream_trainable or self.upstream_adapter != "none"
+
     def __post_init__(self):
         super().__post_init__()
+        if self.upstream_adapter != "none" and self.upstream_trainable:
+            raise ConfigError(
+                f"--upstream_adapter {self.upstream_adapter} trains adapters on a frozen upstream, "
+                "--upstream_trainable true all of its weights: choose one"
+            )
+        lora = [f.name for f in dataclasses.fields(self) if f.name.startswith("lora_")]
+        changed = [n for n in lora if getattr(self, n) != getattr(type(self), n, None)]
+        if self.upstream_adapter != "lora" and changed:
+            raise ConfigError(f"--{changed[0]} applies to --upstream_adapter lora (this run: {self.upstream_adapter})")
+        if self.lora_rank < 1 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(
+                f"--lora_rank {self.lora_rank} --lora_dropout {self.lora_dropout}: needs a rank >= 1 and a dropout in "
+                "[0, 1)"
+            )
         # mhfa has its own size field (its default differs from the x-vector's, and simple-parsing takes every
         # default from one default instance, so no default can depend on --downstream): a changed --embed_dim
         # with mhfa would silently do nothing.
@@ -197,7 +234,8 @@ class OptimConfig(_Checked):
     effective_batch: int | None = None
     # Learning rate of the featurizer's layer weights (default: --lr).
     featurizer_lr: float | None = None
-    # Learning rate of the upstream when --upstream_trainable (default: --lr).
+    # Learning rate of the upstream (or its adapters) when it trains: --upstream_trainable or
+    # --upstream_adapter (default: --lr).
     upstream_lr: float | None = None
 
     def __post_init__(self):
@@ -259,7 +297,8 @@ class RunConfig(_Checked):
     # torch.compile the featurizer + downstream + head (inductor, dynamic shapes). Opt-in: compiling
     # takes minutes and pays off only on long GPU runs.
     compile: bool = False
-    # Recompute upstream layer activations in the backward pass (with --upstream_trainable): less memory.
+    # Recompute upstream layer activations in the backward pass (with --upstream_trainable or
+    # --upstream_adapter): less memory.
     gradient_checkpointing: bool = False
     # Abort after this many updates in a row are skipped (non-finite gradients or out-of-memory batches).
     max_consecutive_skips: int = 20
@@ -295,7 +334,7 @@ class TrainConfig(_Checked):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.model.upstream_trainable and self.run.upstream_precision != "fp32":
+        if self.model.tunes_upstream and self.run.upstream_precision != "fp32":
             raise ConfigError(
                 f"--upstream_precision {self.run.upstream_precision} applies to a frozen upstream; to fine-tune it in "
                 f"{self.run.upstream_precision}, use --mixed_precision instead"

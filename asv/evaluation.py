@@ -124,7 +124,7 @@ def embed_run(
 
     groups: dict[tuple, list] = {}
     for step, ckpt in ckpts:
-        if not load_train_config(ckpt / "config.yaml").model.upstream_trainable:
+        if not load_train_config(ckpt / "config.yaml").model.tunes_upstream:
             embedder = Embedder(ckpt, accelerator.device, upstream_cache)
             key = (id(embedder.upstream), embedder.upstream_precision, effects_of(embedder))
             groups.setdefault(key, []).append((step, embedder))

@@ -28,6 +28,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from asv.adapters import add_adapters, merge_adapters, tuned_state_dict
 from asv.audio import load_audio
 from asv.config import load_train_config
 from asv.datasets import RERUN_PREPARE, EvalDataset, collate_eval, length_buckets
@@ -118,21 +119,31 @@ class Embedder(ModelEmbedder):
         upstream_cache = {} if upstream_cache is None else upstream_cache
         m = self.cfg.model
         key = (m.upstream, m.upstream_ckpt, m.upstream_normalize)
-        if key not in upstream_cache or m.upstream_trainable:  # frozen upstreams are shared across checkpoints
+        if m.tunes_upstream:  # its own weights: built afresh, never shared (one upstream in memory at a time)
             upstream_cache.clear()
-            upstream_cache[key] = build_upstream(*key).to(device)
-        self.upstream = upstream_cache[key]
+            self.upstream = build_upstream(*key).to(device)
+        else:  # frozen upstreams are shared across checkpoints
+            if key not in upstream_cache:
+                upstream_cache.clear()
+                upstream_cache[key] = build_upstream(*key).to(device)
+            self.upstream = upstream_cache[key]
+        tuner = add_adapters(self.upstream, m) if m.upstream_adapter != "none" else None
         self.model = build_speaker_model(m, self.cfg.loss, self.upstream, num_classes=1)
         expected = self.model.embedder_state_dict()
-        if m.upstream_trainable:  # fine-tuned upstream weights travel in the embedder file
-            expected.update({f"upstream.{k}": v for k, v in self.upstream.state_dict().items()})
+        if m.tunes_upstream:  # fine-tuned upstream weights, or adapters, travel in the embedder file
+            expected.update({f"upstream.{k}": v for k, v in tuned_state_dict(self.upstream).items()})
         # Names and shapes first: a checkpoint of another upstream or head fails with one line.
         what = f"the model its config.yaml describes (upstream {m.upstream})"
         check_weights_match(self.ckpt / "embedder.safetensors", expected, what)
         state = load_file(self.ckpt / "embedder.safetensors")
-        if m.upstream_trainable:
-            self.upstream.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("upstream.")})
+        if m.tunes_upstream:
+            # Adapters are the only upstream tensors an adapted upstream's checkpoint holds: its base is the upstream.
+            tuned = {k[9:]: v for k, v in state.items() if k.startswith("upstream.")}
+            self.upstream.load_state_dict(tuned, strict=tuner is None)
             state = {k: v for k, v in state.items() if not k.startswith("upstream.")}
+        if tuner is not None:
+            # Evaluation, model directories and ONNX graphs run the plain upstream the adapters merge into.
+            self.upstream = merge_adapters(tuner)
         self.model.load_state_dict(state, strict=False)  # strict but for the head, which evaluation drops
         self.model.to(device).eval()
         self.test_effects = self.cfg.data.test_effects

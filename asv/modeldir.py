@@ -5,7 +5,8 @@
                               the sha256 of every file below but the card (what loading checks)
       config.yaml             the run's resolved TrainConfig: its model section rebuilds the network
       embedder.safetensors    featurizer + downstream weights (no loss head); with a fine-tuned upstream also
-                              its weights, as upstream.* tensors (the checkpoint's own embedder file)
+                              its weights, with LoRA adapters (--upstream_adapter lora) theirs only, as upstream.*
+                              tensors (the checkpoint's own embedder file; adapters merge into the upstream on loading)
       calibration.json        cosine -> LLR map with the list it was fitted on (asv/calibration.py); absent
                               when the run had no calibration list
       results.json            {list: results.json of this checkpoint} as evaluate.py scored it
@@ -15,7 +16,8 @@
 model.json, abridged:
 
     {"format_version": 1, "library": "superb-asv",
-     "upstream": {"name": "fbank", "ckpt": null, "ckpt_sha256": null, "normalize": false, "fine_tuned": false},
+     "upstream": {"name": "fbank", "ckpt": null, "ckpt_sha256": null, "normalize": false, "fine_tuned": false,
+                  "adapter": null},
      "embedding": {"downstream": "xvector", "dim": 512, "scoring": "cosine ..."},
      "audio": {"sample_rate": 16000, "test_effects": true, "min_samples": 2401},
      "threshold": {"value": 0.87, "source": "EER threshold on 'dev' ..."},
@@ -106,6 +108,8 @@ def export_model(
             "ckpt_sha256": sha256_path(Path(up.upstream_ckpt)) if _is_local(up.upstream_ckpt) else None,
             "normalize": up.upstream_normalize,
             "fine_tuned": up.upstream_trainable,
+            # LoRA's settings when the upstream trained adapters: the recorded base checkpoint is then required too.
+            "adapter": None if up.upstream_adapter == "none" else adapter_settings(up),
         },
         "embedding": {"downstream": up.downstream, "dim": embedder.embed_dim, "scoring": SCORING},
         "audio": {
@@ -129,6 +133,17 @@ def export_model(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def adapter_settings(model_cfg) -> dict:
+    """model.json's record of an upstream's adapters: kind, rank, alpha, dropout and the target layers asked for."""
+    return {
+        "kind": model_cfg.upstream_adapter,
+        "rank": model_cfg.lora_rank,
+        "alpha": model_cfg.lora_alpha,
+        "dropout": model_cfg.lora_dropout,
+        "target_modules": model_cfg.lora_target_modules,  # None: the upstream family's defaults (asv/adapters.py)
+    }
 
 
 def add_file(model_dir: Path, name: str, extra: dict | None = None) -> None:
@@ -252,6 +267,9 @@ def model_card(meta: dict, cfg: TrainConfig, results: dict, training: dict, cali
     m, loss, src = cfg.model, cfg.loss, meta["source"]
     mixing = "two softmax-weighted sums (keys, values)" if m.downstream == "mhfa" else "softmax-weighted sum"
     up = meta["upstream"]
+    kept = ", fine-tuned (weights included)" if up["fine_tuned"] else ", frozen (named, not included)"
+    if up.get("adapter"):
+        kept += f", with LoRA adapters (rank {m.lora_rank}, alpha {m.lora_alpha:g}; included, merged on loading)"
     layers = "all hidden states" if m.layer_selections is None else f"hidden states {m.layer_selections}"
     lines = [
         "---",
@@ -265,9 +283,7 @@ def model_card(meta: dict, cfg: TrainConfig, results: dict, training: dict, cali
         "",
         "## Model",
         "",
-        f"- Upstream: `{m.upstream}`"
-        + (f" (checkpoint `{Path(up['ckpt']).name}`)" if up["ckpt"] else "")
-        + (", fine-tuned (weights included)" if up["fine_tuned"] else ", frozen (named, not included)"),
+        f"- Upstream: `{m.upstream}`" + (f" (checkpoint `{Path(up['ckpt']).name}`)" if up["ckpt"] else "") + kept,
         f"- Featurizer: {mixing} of {layers}" + (", layer-normalised" if m.featurizer_normalize else ""),
         f"- Downstream: `{m.downstream}`, {meta['embedding']['dim']}-dimensional embeddings",
         f"- Loss: `{loss.loss}` (margin {loss.margin}, scale {loss.scale})",

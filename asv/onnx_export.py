@@ -12,7 +12,9 @@ torch.export (the dynamo exporter, which needs onnxscript) for
   one-utterance forward: their own forward builds a padding mask with data-dependent control flow that
   torch.export cannot follow, and one unpadded utterance needs no mask.
 
-Other upstreams are refused with one UpstreamError line. What the graph leaves out, the caller does (as
+Other upstreams are refused with one UpstreamError line. A model trained with LoRA adapters (--upstream_adapter lora)
+exports as a plain upstream: loading it merges the adapters into the base weights (asv/adapters.py, peft's
+merge_and_unload). What the graph leaves out, the caller does (as
 `OnnxEmbedder` below): audio shorter than min_samples is wrap-padded to it, and with `test_effects` the
 gain and VAD (asv.audio) are applied first. Parity with the PyTorch embedder is tested to cosine >= 0.9999.
 """

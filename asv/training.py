@@ -134,7 +134,8 @@ class OutOfMemoryInBackward(AsvError):
 @dataclass
 class Trainee:
     """What a training step runs and updates: the (prepared) model, its upstream, and their optimizer and scheduler.
-    `finetune`: the upstream trains too (--upstream_trainable); a frozen one runs at `upstream_precision`.
+    `finetune`: the upstream trains too (--upstream_trainable or --upstream_adapter); a frozen one runs at
+    `upstream_precision`.
     `accumulate`: batches whose gradients one optimizer update sums; `pending` counts those summed so far."""
 
     model: torch.nn.Module

@@ -89,7 +89,7 @@ def our_checkpoint(
         head_file = Path(ckpt_dir) / "model.safetensors"  # the head only matters for the copy's completeness
         if head_file.is_file():
             state.update({k: v for k, v in load_file(head_file).items() if k.startswith("head.")})
-        if cfg.model.upstream_trainable:
+        if cfg.model.tunes_upstream:
             raise SystemExit(f"error: {ckpt_dir} fine-tuned its upstream; the bench compares frozen upstreams")
     else:
         flags = ["--upstream", upstream, "--data_dir", str(corpus.data_dir)]
