@@ -3,9 +3,13 @@ epoch sampler, the SUPERB training crops, whole test utterances, and the length-
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import sys
+from collections.abc import Sequence
+from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,64 @@ class EpochSampler(Sampler):
             yield self.epoch, i
 
 
+class PackedStrings:
+    """Read-only strings in one bytes object plus an offsets array: three Python objects, whatever their count."""
+
+    def __init__(self, strings: Sequence[str]):
+        # Each string is encoded once only to measure it: a list of a million bytes objects would raise the peak.
+        sizes = (len(s.encode("utf-8", "surrogatepass")) for s in strings)
+        self._offsets = np.zeros(len(strings) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(sizes, dtype=np.int64, count=len(strings)), out=self._offsets[1:])
+        self._blob = "".join(strings).encode("utf-8", "surrogatepass")
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        start, end = self._offsets[i : i + 2].tolist()
+        return self._blob[start:end].decode("utf-8", "surrogatepass")
+
+
+class UtteranceTable(Sequence):
+    """Utterance rows in a few arrays rather than one Python object each; indexing builds the Utterance.
+
+    DataLoader workers fork from the process that holds the rows, and reading a Python object writes its
+    reference count, so over an epoch each worker would copy every page of a list of Utterances: ~0.9 KB a row,
+    ~1 GB per worker on VoxCeleb2-dev's 1.09 M rows (bench/scale.py). Array buffers are only ever read, so they
+    stay shared.
+    """
+
+    def __init__(self, utterances: Sequence[Utterance]):
+        self.ids = PackedStrings([u.id for u in utterances])
+        self.paths = PackedStrings([u.wav_path for u in utterances])
+        names = sorted({u.spk for u in utterances})
+        index = {spk: k for k, spk in enumerate(names)}
+        # Packed too: holding on to the rows' own name strings would keep the allocator's pages around each of them.
+        self.speaker_names = PackedStrings(names)
+        self.speaker_index = np.fromiter((index[u.spk] for u in utterances), dtype=np.int32, count=len(utterances))
+        self.num_samples = np.fromiter((u.num_samples for u in utterances), dtype=np.int64, count=len(utterances))
+
+    def __len__(self) -> int:
+        return len(self.num_samples)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(len(self))[i]]
+        i = range(len(self))[i]  # a list's negative indices and IndexError
+        spk = self.speaker_names[self.speaker_index[i]]
+        return Utterance(self.ids[i], self.paths[i], spk, int(self.num_samples[i]))
+
+
+def pack_intervals(per_row: Sequence[list]) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (N + 1,), pairs (M, 2)), int64: row j's [start, end] intervals are pairs[offsets[j]:offsets[j + 1]]."""
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, per_row), dtype=np.int64, count=len(per_row)), out=offsets[1:])
+    flat = np.fromiter(chain.from_iterable(chain.from_iterable(per_row)), dtype=np.int64)
+    if len(flat) != 2 * offsets[-1]:
+        raise ManifestError("VAD intervals must be [start, end] pairs of sample indices")
+    return offsets, flat.reshape(-1, 2)
+
+
 class TrainDataset(Dataset):
     """SUPERB train audio: gain, VAD (from the cached intervals), random crop of at most max_secs.
 
@@ -65,7 +127,10 @@ class TrainDataset(Dataset):
         seed: int,
         augment: Augmenter | None = None,
     ):
-        self.utterances, self.speakers, self.intervals = utterances, speakers, intervals
+        # Per-row metadata as arrays, which forked workers share instead of copying (UtteranceTable says why).
+        self.utterances, self.speakers = UtteranceTable(utterances), speakers
+        self.labels = np.fromiter((speakers[u.spk] for u in utterances), dtype=np.int64, count=len(utterances))
+        self.interval_offsets, self.intervals = pack_intervals([intervals[u.id] for u in utterances])
         self.gain_db, self.seed, self.augment = gain_db, seed, augment
         self.max_samples = round(max_secs * SAMPLE_RATE)
         # Loads that failed since this process started, shared with the DataLoader workers; train.py
@@ -75,15 +140,17 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.utterances)
 
-    def crop(self, utt: Utterance, epoch: int, i: int) -> np.ndarray:
-        """The training audio of item i in this epoch: a crop of the VAD'd signal, augmented if asked."""
+    def crop(self, path: str, row: int, epoch: int, i: int) -> np.ndarray:
+        """The training audio of item i in this epoch, read from row `row` (file `path`): a crop of the VAD'd
+        signal, augmented if asked."""
         rng = np.random.default_rng([self.seed, epoch, i])
+        intervals = self.intervals[self.interval_offsets[row] : self.interval_offsets[row + 1]]
         if self.augment is None:
-            return read_crop(utt.wav_path, self.intervals[utt.id], self.max_samples, rng, self.gain_db)
+            return read_crop(path, intervals, self.max_samples, rng, self.gain_db)
         aug_rng = np.random.default_rng([self.seed, epoch, i, 1])  # its own stream: the crop draw is unchanged
         speed = self.augment.pick_speed(aug_rng)
         # Read speed x max_samples so the perturbed crop is still max_secs long.
-        wav = read_crop(utt.wav_path, self.intervals[utt.id], round(self.max_samples * speed), rng, self.gain_db)
+        wav = read_crop(path, intervals, round(self.max_samples * speed), rng, self.gain_db)
         wav = speed_perturb(wav, speed)[: self.max_samples]
         return self.augment(wav, aug_rng)
 
@@ -93,9 +160,10 @@ class TrainDataset(Dataset):
         # days-long run: take the next utterance in the list instead. The substitute depends only on
         # the index, so the batch is the same on every rerun and in every worker.
         for k in range(MAX_SUBSTITUTES):
-            utt = self.utterances[(i + k) % len(self.utterances)]
+            row = (i + k) % len(self.utterances)
+            path = self.utterances.paths[row]
             try:
-                wav = self.crop(utt, epoch, i)
+                wav = self.crop(path, row, epoch, i)
                 break
             except BadAudioError as err:
                 with self.num_unreadable.get_lock():
@@ -106,10 +174,10 @@ class TrainDataset(Dataset):
         else:
             # Subclasses AsvError, and takes one message argument as the DataLoader re-raises it in the main process.
             raise ManifestError(
-                f"{MAX_SUBSTITUTES} training files in a row are unreadable (last: {utt.wav_path}): "
+                f"{MAX_SUBSTITUTES} training files in a row are unreadable (last: {path}): "
                 "is the data directory still mounted?"
             )
-        return torch.from_numpy(np.ascontiguousarray(wav)), self.speakers[utt.spk]
+        return torch.from_numpy(np.ascontiguousarray(wav)), int(self.labels[row])
 
 
 def collate_train(batch):
@@ -118,6 +186,21 @@ def collate_train(batch):
     return torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lens, torch.tensor(labels)
 
 
+@contextmanager
+def paused_gc():
+    """The cyclic garbage collector off for a block (or a function, as a decorator) that builds millions of objects
+    none of which can form a cycle: every full collection would walk them all, a third of the time load_train_set
+    takes on 1.09 M rows. Reference counting still frees them."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@paused_gc()
 def load_train_set(data_dir: Path, min_secs: float, max_secs: float, seed: int, augment: Augmenter | None = None):
     """(TrainDataset, speakers, stats) from a prepared directory, applying the min_secs filter post-VAD."""
     data_dir = Path(data_dir)
