@@ -605,6 +605,8 @@ LONG_TIMEOUT_S = 6 * 3600
 
 
 def long_case(args) -> dict:
+    # Everything our side runs, imported now: a run of an hour or two must not mix code versions if files change.
+    import evaluate  # noqa: F401
     from asv.config import TrainConfig
     from asv.conventions import SUPERB_EFFECTIVE_BATCH
 
@@ -626,6 +628,8 @@ def long_case(args) -> dict:
     try:
         ours = run.train_ours("long", cfg, progress_every=25)
         print(f"[parity] ours trained ({ours['seconds']:.0f} s)", flush=True)
+        record = {k: ours[k] for k in ("losses", "digests", "seconds")}  # kept, whatever happens next
+        (run.case_dir("long") / "ours.json").write_text(json.dumps(record))
         theirs = run.s3prl_training("long")
         evals = {}
         for weights, state in (("s3prl", theirs["state"]), ("ours", ours["state"])):
